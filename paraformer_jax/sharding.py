@@ -1,0 +1,107 @@
+"""Branch-sharded execution: a ('data', 'branch') mesh, sharded parameters, shard_map forward.
+
+Branch parameters are split on their leading axis over 'branch', everything else is
+replicated, and the batch is split over 'data'. Each device applies its local branches and a
+`psum` over 'branch' forms the sum (see `ParaFormer.branch_axis`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from paraformer_jax.model import ParaFormer
+
+MESH_AXES = ('data', 'branch')
+
+
+def make_mesh(data: int = -1, branch: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'branch') mesh over all devices (or `devices`); data=-1 takes what is left."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1:
+    if branch < 1 or n % branch:
+      raise ValueError(f'mesh branch={branch} does not divide the {n} devices; pick a divisor '
+                       f'of {n} for config.mesh.branch.')
+    data = n // branch
+  if data * branch != n:
+    raise ValueError(f'mesh (data={data}, branch={branch}) needs {data * branch} devices but '
+                     f'{n} are available; set config.mesh.data=-1 to use them all.')
+  return jax.make_mesh((data, branch), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def check_divisible(model: ParaFormer, mesh, batch_size: int | None = None):
+  """Refuse, before anything compiles, shapes the mesh cannot split evenly."""
+  nb = mesh.shape['branch']
+  if model.num_branches % nb:
+    divisors = [d for d in range(1, model.num_branches + 1) if model.num_branches % d == 0]
+    raise ValueError(
+        f'num_branches={model.num_branches} is not divisible by the mesh branch axis size {nb}. '
+        f'Use a branch count that is a multiple of {nb}, or a branch axis size in {divisors}.')
+  if batch_size is not None and batch_size % mesh.shape['data']:
+    raise ValueError(f'batch size {batch_size} is not divisible by the mesh data axis size '
+                     f'{mesh.shape["data"]}; use a multiple of it.')
+
+
+def param_specs(params):
+  """PartitionSpecs: the leading (branch) axis of params['branches'] over 'branch'."""
+  return {name: jax.tree.map(lambda _: P('branch') if name == 'branches' else P(), sub)
+          for name, sub in params.items()}
+
+
+def param_shardings(params, mesh):
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params))
+
+
+def init_params(model: ParaFormer, mesh, rng, image_shape):
+  """Parameters created already sharded: eval_shape for the layout, then a jitted init."""
+  check_divisible(model, mesh)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  init = lambda r: model.init(r, dummy)['params']
+  shardings = param_shardings(jax.eval_shape(init, rng), mesh)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def local_model(model: ParaFormer, mesh) -> ParaFormer:
+  """The module one device runs inside shard_map: its local branches, summed over 'branch'."""
+  check_divisible(model, mesh)
+  return model.clone(num_branches=model.num_branches // mesh.shape['branch'],
+                     branch_axis='branch')
+
+
+def sharded_apply(model: ParaFormer, mesh, method: str = '__call__'):
+  """fn(params, images, train=False, dropout_rng=None) -> logits, run under jax.shard_map.
+
+  `method='prefix_logits'` gives [L, batch, classes] (batch axis 1 sharded over 'data').
+  """
+  local = local_model(model, mesh)
+  out_spec = P(None, 'data') if method == 'prefix_logits' else P('data')
+
+  def apply(params, images, train=False, dropout_rng=None):
+    def body(params, images, *rng):
+      rngs = {}
+      if rng:
+        # Each device draws its own dropout masks (its data shard, its branches).
+        idx = jax.lax.axis_index('data') * mesh.shape['branch'] + jax.lax.axis_index('branch')
+        rngs = {'dropout': jax.random.fold_in(rng[0], idx)}
+      return local.apply({'params': params}, images, train, rngs=rngs,
+                         method=getattr(ParaFormer, method))
+    rng = () if dropout_rng is None else (dropout_rng,)
+    specs = (param_specs(params), P('data')) + (P(),) * len(rng)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec)(
+        params, images, *rng)
+
+  return apply
+
+
+def global_batch(mesh, local_batch):
+  """A global array, batch split over 'data', from this process's share of the batch.
+
+  On one process this is just a device_put; on several (TPU pod, multi-node GPU) every
+  process passes its own rows and the result spans all of them.
+  """
+  sharding = NamedSharding(mesh, P('data'))
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
+                      local_batch)

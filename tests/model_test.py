@@ -1,0 +1,134 @@
+"""The model against independent computations: a numpy block, a loop over branches, slices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import IMAGE_SHAPE, SMALL
+
+from paraformer_jax import model as model_lib
+from paraformer_jax.model import Block, Branch, ParaFormer
+
+
+def _np_layernorm(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
+
+
+def _np_block(x, p, style):
+  """A block written from DESIGN.md in numpy, independent of the Flax code."""
+  from scipy.special import erf
+  p = jax.tree.map(np.asarray, p)
+  h = _np_layernorm(x, p['norm1'])
+  qkv = np.einsum('btd,dsnh->btsnh', h, p['attn']['qkv']['kernel'])
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  s = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(q.shape[-1])
+  a = np.exp(s - s.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  o = np.einsum('bnqk,bknh->bqnh', a, v)
+  y = np.einsum('bqnh,nhd->bqd', o, p['attn']['out']['kernel']) + p['attn']['out']['bias']
+  x = y + (h if style == 'reference' else x)
+  h = _np_layernorm(x, p['norm2'])
+  u = h @ p['mlp']['fc1']['kernel'] + p['mlp']['fc1']['bias']
+  u = 0.5 * u * (1 + erf(u / np.sqrt(2)))
+  y = u @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
+  return y + (h if style == 'reference' else x)
+
+
+@pytest.mark.parametrize('style', ['prenorm', 'reference'])
+def test_block_matches_numpy(style):
+  block = Block(num_heads=2, mlp_dim=32, dropout=0.0, style=style, dtype=jnp.float32)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 16)))
+  params = block.init(jax.random.key(0), x, True)['params']
+  got = block.apply({'params': params}, x, True)
+  np.testing.assert_allclose(got, _np_block(x.astype(np.float64), params, style), atol=2e-5)
+
+
+def test_vmapped_stack_equals_loop_over_branches(small_model, small_params, images):
+  tokens = small_model.apply({'params': small_params}, images, True,
+                             method=lambda m, x, d: m.embed(x, d))
+  branch = Branch(2, SMALL['num_heads'], SMALL['mlp_dim'], 0.0, 'prenorm', jnp.float32)
+  stacked = small_params['branches']['branch']
+  total = sum(branch.apply({'params': jax.tree.map(lambda a: a[i], stacked)}, tokens, True)
+              for i in range(small_model.num_branches))
+  head = model_lib.Head(SMALL['num_classes'], jnp.float32)
+  want = head.apply({'params': small_params['head']}, total[:, 0])
+  got = small_model.apply({'params': small_params}, images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_logits(small_model, small_params, images):
+  prefix = small_model.apply({'params': small_params}, images, method=ParaFormer.prefix_logits)
+  assert prefix.shape == (8, images.shape[0], SMALL['num_classes'])
+  full = small_model.apply({'params': small_params}, images)
+  np.testing.assert_allclose(prefix[-1], full, rtol=1e-5, atol=1e-5)
+  for k in (1, 3):
+    # A model built with k branches from hand-sliced parameters.
+    sliced = dict(small_params, branches=jax.tree.map(lambda a: a[:k], small_params['branches']))
+    want = ParaFormer(num_branches=k, branch_depth=2, **SMALL).apply({'params': sliced}, images)
+    np.testing.assert_allclose(prefix[k - 1], want, rtol=1e-5, atol=1e-5)
+    sub_model, sub_params = model_lib.first_branches(small_model, small_params, k)
+    np.testing.assert_allclose(sub_model.apply({'params': sub_params}, images), want,
+                               rtol=1e-6, atol=1e-6)
+    # k branches really differ from all of them (the slice is not a no-op).
+    assert np.abs(np.asarray(want - full)).max() > 1e-3
+
+
+def test_sequential_baseline_is_a_plain_stack_of_blocks(images):
+  depth = 3
+  vit = model_lib.sequential_baseline(depth, **SMALL)
+  params = vit.init(jax.random.key(5), images[:1])['params']
+  assert jax.tree.leaves(params['branches'])[0].shape[0] == 1
+  x = vit.apply({'params': params}, images, True, method=lambda m, x, d: m.embed(x, d))
+  for i in range(depth):
+    block = Block(SMALL['num_heads'], SMALL['mlp_dim'], 0.0, 'prenorm', jnp.float32)
+    p = jax.tree.map(lambda a: a[0], params['branches']['branch'][f'block{i}'])
+    x = block.apply({'params': p}, x, True)
+  want = model_lib.Head(10, jnp.float32).apply({'params': params['head']}, x[:, 0])
+  np.testing.assert_allclose(vit.apply({'params': params}, images), want, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_configuration_parameter_count():
+  model = ParaFormer(num_classes=10, patch_size=16, width=192, num_heads=3, mlp_dim=768,
+                     num_branches=8, branch_depth=2, block_style='reference')
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+  assert model_lib.param_count(shapes) == 7_296_586
+  assert model_lib.param_count(shapes['embed']) == 185_664
+  assert model_lib.param_count(shapes['head']) == 2_314
+  assert model_lib.param_count(shapes['branches']) == 16 * 444_288
+
+
+def test_mean_pool_and_reference_init(images):
+  model = ParaFormer(num_branches=2, branch_depth=1, pool='mean', block_style='reference',
+                     **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  # The authors' N(0, 1) init, not 0.02: the std of 320 draws is far from 0.02.
+  assert 0.8 < float(jnp.std(params['embed']['pos'])) < 1.2
+  prefix = model.apply({'params': params}, images, method=ParaFormer.prefix_logits)
+  np.testing.assert_allclose(prefix[-1], model.apply({'params': params}, images),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params(small_model, small_params, images):
+  bf16 = small_model.clone(dtype=jnp.bfloat16)
+  params = bf16.init(jax.random.key(0), images[:1])['params']
+  assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  got = bf16.apply({'params': small_params}, images)
+  want = small_model.apply({'params': small_params}, images)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=0.1 * float(jnp.abs(want).max()))
+
+
+def test_image_not_divisible_by_patch_is_refused(small_model):
+  with pytest.raises(ValueError, match=r'10x10 is not divisible by patch_size=4'):
+    jax.eval_shape(small_model.init, jax.random.key(0), jnp.zeros((1, 10, 10, 3)))
+
+
+def test_dropout_differs_per_branch_and_is_off_at_eval(images):
+  model = ParaFormer(num_branches=2, branch_depth=1, dropout=0.5, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  a = model.apply({'params': params}, images, True, rngs={'dropout': jax.random.key(1)})
+  b = model.apply({'params': params}, images, True, rngs={'dropout': jax.random.key(2)})
+  assert np.abs(np.asarray(a - b)).max() > 1e-3
+  np.testing.assert_array_equal(model.apply({'params': params}, images),
+                                model.apply({'params': params}, images))

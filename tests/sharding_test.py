@@ -1,0 +1,101 @@
+"""Branch-sharded execution equals the unsharded model, forward and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import IMAGE_SHAPE
+
+from paraformer_jax import sharding
+from paraformer_jax.model import ParaFormer
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+
+
+def _loss(logits):
+  labels = jnp.arange(logits.shape[-2]) % logits.shape[-1]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _assert_trees_close(got, want, rtol):
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = np.asarray(want_leaf(want, path))
+    scale = max(np.abs(w).max(), 1e-6)
+    np.testing.assert_allclose(np.asarray(g), w, atol=rtol * scale, err_msg=str(path))
+
+
+def want_leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+@pytest.mark.parametrize('data,branch', MESHES)
+def test_sharded_equals_unsharded(small_model, small_params, images, data, branch):
+  mesh = sharding.make_mesh(data, branch)
+  params = jax.device_put(small_params, sharding.param_shardings(small_params, mesh))
+  batch = sharding.global_batch(mesh, images)
+  forward = sharding.sharded_apply(small_model, mesh)
+  prefix = sharding.sharded_apply(small_model, mesh, 'prefix_logits')
+
+  got, got_grads = jax.jit(jax.value_and_grad(lambda p: _loss(forward(p, batch))))(params)
+  want, want_grads = jax.value_and_grad(
+      lambda p: _loss(small_model.apply({'params': p}, images)))(small_params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  _assert_trees_close(got_grads, want_grads, rtol=1e-4)
+  # Gradients of the branch stack stay sharded over 'branch'.
+  g = jax.tree.leaves(got_grads['branches'])[0]
+  assert g.sharding.spec[0] == 'branch' or branch == 1
+
+  np.testing.assert_allclose(jax.jit(forward)(params, batch),
+                             small_model.apply({'params': small_params}, images),
+                             rtol=1e-5, atol=1e-5)
+  want_prefix = small_model.apply({'params': small_params}, images,
+                                  method=ParaFormer.prefix_logits)
+  np.testing.assert_allclose(jax.jit(prefix)(params, batch), want_prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_params_are_created_sharded(small_model, small_params):
+  mesh = sharding.make_mesh(2, 4)
+  params = sharding.init_params(small_model, mesh, jax.random.key(0), IMAGE_SHAPE)
+  leaf = params['branches']['branch']['block0']['mlp']['fc1']['kernel']
+  assert leaf.shape[0] == 8
+  # Each device holds 8 / 4 = 2 branches of the stack.
+  assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
+  assert params['head']['out']['kernel'].sharding.is_fully_replicated
+  # Same values as an unsharded init with the same key.
+  np.testing.assert_array_equal(leaf, small_params['branches']['branch']['block0']['mlp']['fc1']
+                                ['kernel'])
+
+
+def test_dropout_under_shard_map_runs_per_device_masks(images):
+  model = ParaFormer(num_classes=10, patch_size=4, width=64, num_heads=1, mlp_dim=128,
+                     num_branches=8, branch_depth=1, dropout=0.5)
+  mesh = sharding.make_mesh(2, 4)
+  params = sharding.init_params(model, mesh, jax.random.key(0), IMAGE_SHAPE)
+  fwd = jax.jit(sharding.sharded_apply(model, mesh), static_argnums=2)
+  a = fwd(params, images, True, jax.random.key(1))
+  b = fwd(params, images, True, jax.random.key(2))
+  assert np.abs(np.asarray(a - b)).max() > 1e-3
+  np.testing.assert_allclose(fwd(params, images, False), model.apply({'params': params}, images),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_indivisible_branch_count_is_refused_before_compiling():
+  model = ParaFormer(num_classes=10, num_branches=6, branch_depth=1)
+  mesh = sharding.make_mesh(2, 4)
+  with pytest.raises(ValueError, match=r'num_branches=6 is not divisible by the mesh branch '
+                                       r'axis size 4.*\[1, 2, 3, 6\]'):
+    sharding.init_params(model, mesh, jax.random.key(0), IMAGE_SHAPE)
+  with pytest.raises(ValueError, match='num_branches=6'):
+    sharding.sharded_apply(model, mesh)
+
+
+def test_bad_mesh_shapes_are_refused():
+  with pytest.raises(ValueError, match='needs 12 devices but 8 are available'):
+    sharding.make_mesh(3, 4)
+  with pytest.raises(ValueError, match='branch=3 does not divide the 8 devices'):
+    sharding.make_mesh(-1, 3)
+  with pytest.raises(ValueError, match='batch size 6 is not divisible by the mesh data axis'):
+    sharding.check_divisible(ParaFormer(num_classes=2, num_branches=4), sharding.make_mesh(4, 2),
+                             batch_size=6)
