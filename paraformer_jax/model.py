@@ -15,6 +15,7 @@ import jax.numpy as jnp
 HEAD_DIM = 64  # the papers' (and vit-pytorch's) head width
 BLOCK_STYLES = ('prenorm', 'reference')
 POOLS = ('cls', 'mean')
+BRANCH_STRATEGIES = ('vmap', 'scan')
 
 
 class Attention(nn.Module):
@@ -28,10 +29,24 @@ class Attention(nn.Module):
     qkv = nn.DenseGeneral((3, self.num_heads, HEAD_DIM), use_bias=False, dtype=self.dtype,
                           name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
-    # jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where they exist.
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = _attention(q, k, v)
     y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+def _attention(q, k, v):
+  """Softmax attention on [batch, tokens, heads, head_dim] inputs.
+
+  jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where a backend
+  has them. XLA:CPU has none, and there the same math in a [batch, heads, tokens, head_dim]
+  layout runs about 2x faster (benchmarks/model_throughput.py), so the CPU takes that path.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v)
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+  scores = jnp.einsum('bnqh,bnkh->bnqk', q * (q.shape[-1] ** -0.5), k)
+  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bnqk,bnkh->bnqh', weights, v).transpose(0, 2, 1, 3)
 
 
 class Mlp(nn.Module):
@@ -70,13 +85,19 @@ class Block(nn.Module):
     return y + (h if self.style == 'reference' else x)
 
 
+def pool_tokens(x, pool: str):
+  """[batch, tokens, D] -> [batch, D]; both poolings are linear, so they commute with sums."""
+  return x[:, 0] if pool == 'cls' else x.mean(axis=1)
+
+
 class Branch(nn.Module):
-  """One branch: `depth` blocks in sequence."""
+  """One branch: `depth` blocks in sequence, then pooling (cls token or mean)."""
   depth: int
   num_heads: int
   mlp_dim: int
   dropout: float
   style: str
+  pool: str
   dtype: Any
 
   @nn.compact
@@ -84,13 +105,17 @@ class Branch(nn.Module):
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_dim, self.dropout, self.style, self.dtype,
                 name=f'block{i}')(x, deterministic)
-    return x
+    return pool_tokens(x, self.pool)
 
 
 class BranchStack(nn.Module):
   """`num_branches` branches with stacked parameters (leading axis = branch).
 
-  Every branch reads the same tokens; returns each branch's output, [branches, batch, tokens, D].
+  Every branch reads the same tokens; returns each branch's pooled output, [branches, batch, D].
+  `strategy` says how the local branches run; both give the same parameter tree:
+    'vmap': all at once (every branch's activations alive together);
+    'scan': one after the other (one branch's activations alive at a time; on a CPU the
+            per-branch matmuls are also larger per call, which is faster).
   """
   num_branches: int
   depth: int
@@ -98,15 +123,23 @@ class BranchStack(nn.Module):
   mlp_dim: int
   dropout: float
   style: str
+  pool: str
   dtype: Any
+  strategy: str = 'vmap'
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool):
-    stacked = nn.vmap(Branch, in_axes=(None, None), out_axes=0, axis_size=self.num_branches,
-                      variable_axes={'params': 0},
-                      split_rngs={'params': True, 'dropout': True})
-    return stacked(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
-                   self.dtype, name='branch')(tokens, deterministic)
+    branch_args = (self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
+                   self.pool, self.dtype)
+    stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True})
+    if self.strategy == 'vmap':
+      branches = nn.vmap(Branch, in_axes=(None, None), out_axes=0,
+                         axis_size=self.num_branches, **stacked)
+      return branches(*branch_args, name='branch')(tokens, deterministic)
+    body = lambda branch, carry, t, d: (carry, branch(t, d))
+    branches = nn.scan(body, in_axes=(nn.broadcast, nn.broadcast), length=self.num_branches,
+                       **stacked)
+    return branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
 
 
 class PatchEmbed(nn.Module):
@@ -167,6 +200,7 @@ class ParaFormer(nn.Module):
   block_style: str = 'prenorm'
   pool: str = 'cls'
   dtype: Any = jnp.float32
+  branch_strategy: str = 'scan'
   branch_axis: str | None = None
 
   def setup(self):
@@ -174,17 +208,19 @@ class ParaFormer(nn.Module):
       raise ValueError(f'block_style={self.block_style!r}; choose one of {BLOCK_STYLES}.')
     if self.pool not in POOLS:
       raise ValueError(f'pool={self.pool!r}; choose one of {POOLS}.')
+    if self.branch_strategy not in BRANCH_STRATEGIES:
+      raise ValueError(f'branch_strategy={self.branch_strategy!r}; choose one of '
+                       f'{BRANCH_STRATEGIES}.')
     reference = self.block_style == 'reference'
     self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, reference, self.dtype)
     self.branches = BranchStack(self.num_branches, self.branch_depth, self.num_heads,
-                                self.mlp_dim, self.dropout, self.block_style, self.dtype)
+                                self.mlp_dim, self.dropout, self.block_style, self.pool,
+                                self.dtype, self.branch_strategy)
     self.head = Head(self.num_classes, self.dtype)
 
   def pooled_branch_outputs(self, images, train: bool = False):
     """Each (local) branch's pooled output, [branches, batch, D]."""
-    tokens = self.embed(images, not train)
-    out = self.branches(tokens, not train)
-    return out[:, :, 0] if self.pool == 'cls' else out.mean(axis=2)
+    return self.branches(self.embed(images, not train), not train)
 
   def __call__(self, images, train: bool = False):
     """Logits of the full model, [batch, classes]."""

@@ -45,14 +45,15 @@ def test_block_matches_numpy(style):
 
 
 def test_vmapped_stack_equals_loop_over_branches(small_model, small_params, images):
+  small_model = small_model.clone(branch_strategy='vmap')
   tokens = small_model.apply({'params': small_params}, images, True,
                              method=lambda m, x, d: m.embed(x, d))
-  branch = Branch(2, SMALL['num_heads'], SMALL['mlp_dim'], 0.0, 'prenorm', jnp.float32)
+  branch = Branch(2, SMALL['num_heads'], SMALL['mlp_dim'], 0.0, 'prenorm', 'cls', jnp.float32)
   stacked = small_params['branches']['branch']
   total = sum(branch.apply({'params': jax.tree.map(lambda a: a[i], stacked)}, tokens, True)
               for i in range(small_model.num_branches))
   head = model_lib.Head(SMALL['num_classes'], jnp.float32)
-  want = head.apply({'params': small_params['head']}, total[:, 0])
+  want = head.apply({'params': small_params['head']}, total)
   got = small_model.apply({'params': small_params}, images)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -132,3 +133,24 @@ def test_dropout_differs_per_branch_and_is_off_at_eval(images):
   assert np.abs(np.asarray(a - b)).max() > 1e-3
   np.testing.assert_array_equal(model.apply({'params': params}, images),
                                 model.apply({'params': params}, images))
+
+
+@pytest.mark.parametrize('strategy', ['vmap', 'scan'])
+def test_branch_strategies_agree_forward_and_gradients(small_model, small_params, images,
+                                                       strategy):
+  model = small_model.clone(branch_strategy=strategy)
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: m.apply({'params': p}, images, method=ParaFormer.prefix_logits).sum()))
+  got, got_grads = loss(model)(small_params)
+  # Independent of both strategies: a Python loop over first-k models.
+  want = 0.0
+  for k in range(1, model.num_branches + 1):
+    sub, sub_params = model_lib.first_branches(small_model, small_params, k)
+    want += float(jax.jit(sub.apply)({'params': sub_params}, images).sum())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  _, ref_grads = loss(small_model.clone(branch_strategy='vmap'))(small_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               got_grads, ref_grads)
+  # Both strategies initialize the same tree of shapes.
+  assert jax.tree.map(jnp.shape, model.init(jax.random.key(0), images[:1])['params']) == \
+      jax.tree.map(jnp.shape, small_params)
