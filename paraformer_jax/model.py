@@ -188,6 +188,11 @@ class ParaFormer(nn.Module):
 
   `branch_axis` is set only inside `jax.shard_map` (see `sharding.py`): the module then holds
   its device's local branches and sums over the mesh axis of that name.
+
+  `num_frozen_branches` (stagewise training) puts the first F branches in a stack of their
+  own, `params['frozen_branches']`, ahead of the `num_branches` trained ones in
+  `params['branches']`, so that the trainer can leave them out of differentiation and of the
+  optimizer. `merge_frozen` turns such parameters back into one stack.
   """
   num_classes: int
   patch_size: int = 4
@@ -201,6 +206,7 @@ class ParaFormer(nn.Module):
   pool: str = 'cls'
   dtype: Any = jnp.float32
   branch_strategy: str = 'scan'
+  num_frozen_branches: int = 0
   branch_axis: str | None = None
 
   def setup(self):
@@ -213,35 +219,44 @@ class ParaFormer(nn.Module):
                        f'{BRANCH_STRATEGIES}.')
     reference = self.block_style == 'reference'
     self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, reference, self.dtype)
-    self.branches = BranchStack(self.num_branches, self.branch_depth, self.num_heads,
-                                self.mlp_dim, self.dropout, self.block_style, self.pool,
-                                self.dtype, self.branch_strategy)
+    stack = lambda n: BranchStack(n, self.branch_depth, self.num_heads, self.mlp_dim,
+                                  self.dropout, self.block_style, self.pool, self.dtype,
+                                  self.branch_strategy)
+    self.frozen_branches = stack(self.num_frozen_branches) if self.num_frozen_branches else None
+    self.branches = stack(self.num_branches)
     self.head = Head(self.num_classes, self.dtype)
 
   def pooled_branch_outputs(self, images, train: bool = False):
-    """Each (local) branch's pooled output, [branches, batch, D]."""
-    return self.branches(self.embed(images, not train), not train)
+    """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D]."""
+    tokens = self.embed(images, not train)
+    stacks = [self.branches] if self.frozen_branches is None else [self.frozen_branches,
+                                                                    self.branches]
+    return [s(tokens, not train) for s in stacks]
 
   def __call__(self, images, train: bool = False):
     """Logits of the full model, [batch, classes]."""
-    pooled = self.pooled_branch_outputs(images, train).sum(axis=0)
+    pooled = sum(p.sum(axis=0) for p in self.pooled_branch_outputs(images, train))
     if self.branch_axis is not None:
       pooled = jax.lax.psum(pooled, self.branch_axis)
     return self.head(pooled)
 
   def prefix_logits(self, images, train: bool = False):
     """Anytime outputs: logits of branches 1..k for every k = 1..L, [L, batch, classes]."""
-    pooled = self.pooled_branch_outputs(images, train)
-    if self.branch_axis is not None:
-      # Each device writes its branches into their global slots; a psum (unlike all_gather)
-      # leaves a result that shard_map's check_vma knows to be the same on every device.
-      local = pooled.shape[0]
-      full = jnp.zeros((local * jax.lax.axis_size(self.branch_axis),) + pooled.shape[1:],
-                       pooled.dtype)
-      start = jax.lax.axis_index(self.branch_axis) * local
-      pooled = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(full, pooled, start, 0),
-                            self.branch_axis)
-    return self.head(jnp.cumsum(pooled, axis=0))
+    pooled = [self._all_branches(p) for p in self.pooled_branch_outputs(images, train)]
+    return self.head(jnp.cumsum(jnp.concatenate(pooled, axis=0), axis=0))
+
+  def _all_branches(self, pooled):
+    """[local branches, ...] -> [all branches, ...] in global order, on every device."""
+    if self.branch_axis is None:
+      return pooled
+    # Each device writes its branches into their global slots; a psum (unlike all_gather)
+    # leaves a result that shard_map's check_vma knows to be the same on every device.
+    local = pooled.shape[0]
+    full = jnp.zeros((local * jax.lax.axis_size(self.branch_axis),) + pooled.shape[1:],
+                     pooled.dtype)
+    start = jax.lax.axis_index(self.branch_axis) * local
+    return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(full, pooled, start, 0),
+                        self.branch_axis)
 
 
 def check_patchable(height: int, width: int, patch_size: int):
@@ -255,6 +270,17 @@ def check_patchable(height: int, width: int, patch_size: int):
 def sequential_baseline(depth: int, **kwargs) -> ParaFormer:
   """The sequential ViT of `depth` blocks: a ParaFormer with one branch of that depth."""
   return ParaFormer(num_branches=1, branch_depth=depth, **kwargs)
+
+
+def merge_frozen(model: ParaFormer, params):
+  """(model, params) with frozen and trained branches as one stack, frozen ones first."""
+  if not model.num_frozen_branches:
+    return model, params
+  merged = {k: v for k, v in params.items() if k != 'frozen_branches'}
+  merged['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]),
+                                    params['frozen_branches'], params['branches'])
+  total = model.num_frozen_branches + model.num_branches
+  return model.clone(num_branches=total, num_frozen_branches=0), merged
 
 
 def first_branches(model: ParaFormer, params, k: int):

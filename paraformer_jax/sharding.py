@@ -35,19 +35,25 @@ def make_mesh(data: int = -1, branch: int = 1, devices=None) -> jax.sharding.Mes
 def check_divisible(model: ParaFormer, mesh, batch_size: int | None = None):
   """Refuse, before anything compiles, shapes the mesh cannot split evenly."""
   nb = mesh.shape['branch']
-  if model.num_branches % nb:
-    divisors = [d for d in range(1, model.num_branches + 1) if model.num_branches % d == 0]
-    raise ValueError(
-        f'num_branches={model.num_branches} is not divisible by the mesh branch axis size {nb}. '
-        f'Use a branch count that is a multiple of {nb}, or a branch axis size in {divisors}.')
+  for what, n in (('num_branches', model.num_branches),
+                  ('frozen branches', model.num_frozen_branches)):
+    if n % nb:
+      divisors = [d for d in range(1, n + 1) if n % d == 0]
+      raise ValueError(
+          f'{what}={n} is not divisible by the mesh branch axis size {nb}. Use a branch count '
+          f'(and, stagewise, branches_per_stage) that is a multiple of {nb}, or a branch axis '
+          f'size in {divisors}.')
   if batch_size is not None and batch_size % mesh.shape['data']:
     raise ValueError(f'batch size {batch_size} is not divisible by the mesh data axis size '
                      f'{mesh.shape["data"]}; use a multiple of it.')
 
 
+BRANCH_STACKS = ('branches', 'frozen_branches')
+
+
 def param_specs(params):
-  """PartitionSpecs: the leading (branch) axis of params['branches'] over 'branch'."""
-  return {name: jax.tree.map(lambda _: P('branch') if name == 'branches' else P(), sub)
+  """PartitionSpecs: the leading (branch) axis of each branch stack over 'branch'."""
+  return {name: jax.tree.map(lambda _: P('branch') if name in BRANCH_STACKS else P(), sub)
           for name, sub in params.items()}
 
 
@@ -67,8 +73,9 @@ def init_params(model: ParaFormer, mesh, rng, image_shape):
 def local_model(model: ParaFormer, mesh) -> ParaFormer:
   """The module one device runs inside shard_map: its local branches, summed over 'branch'."""
   check_divisible(model, mesh)
-  return model.clone(num_branches=model.num_branches // mesh.shape['branch'],
-                     branch_axis='branch')
+  nb = mesh.shape['branch']
+  return model.clone(num_branches=model.num_branches // nb,
+                     num_frozen_branches=model.num_frozen_branches // nb, branch_axis='branch')
 
 
 def sharded_apply(model: ParaFormer, mesh, method: str = '__call__'):

@@ -1,0 +1,64 @@
+"""Defaults: the paper's CIFAR-10 setting (ParaFormer 8x2, D=192, 224 px, patch 16, LPA).
+
+Other configs import this and override a few fields. Run it as:
+  python -m paraformer_jax.main --config=configs/default.py --workdir=/tmp/pf_cifar10
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameters, dropout and data order all derive from it
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = 'cifar10'  # a TFDS dataset name
+  data.data_dir = None  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  data.train_split = 'train[:90%]'  # the authors hold out 10% of train for validation
+  data.val_split = 'train[90%:]'  # picks the best checkpoint
+  data.test_split = 'test'  # reported at the end and by --mode=eval
+  data.num_classes = 10  # classes of the label feature
+  data.image_size = 224  # images are resized to image_size x image_size
+  data.crop_padding = 4  # train: random crop after zero padding (0: off)
+  data.flip = True  # train: random horizontal flip
+  data.randaugment_layers = 2  # train: RandAugment N (0: off)
+  data.randaugment_magnitude = 14  # train: RandAugment M, on the 0..30 scale
+  data.mean = 0.5  # normalization: (x / 255 - mean) / std
+  data.std = 0.2
+
+  config.model = model = ml_collections.ConfigDict()
+  model.patch_size = 16  # image_size must be a multiple of it
+  model.width = 192  # D, the token width
+  model.num_heads = 3  # heads of width 64
+  model.mlp_dim = 768  # hidden width of the MLP
+  model.num_branches = 8  # L, parallel branches (1 with branch_depth=N: a sequential ViT)
+  model.branch_depth = 2  # M, blocks per branch
+  model.dropout = 0.1  # embedding, attention-output and MLP dropout
+  model.block_style = 'reference'  # 'prenorm' (x + f(LN x)) or 'reference' (f(LN x) + LN x)
+  model.pool = 'cls'  # 'cls' token or 'mean' over tokens
+  model.dtype = 'float32'  # computation dtype ('bfloat16' for mixed precision); params f32
+  model.branch_strategy = 'scan'  # run a device's branches with 'scan' or 'vmap'
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel axis size (-1: all devices left after 'branch')
+  mesh.branch = 1  # branch axis size; must divide num_branches (and branches_per_stage)
+
+  config.training = training = ml_collections.ConfigDict()
+  training.mode = 'lpa'  # 'lpa', 'lpa_fused', 'stagewise' or 'joint' (see steps.py)
+  training.epochs = 300  # epochs (per stage when stagewise); an lpa epoch is two passes
+  training.batch_size = 500  # global batch, split over processes and the 'data' axis
+  training.optimizer = 'adam'  # 'adam' or 'adamw'
+  training.learning_rate = 1e-4  # peak learning rate
+  training.schedule = 'constant'  # 'constant' or 'cosine' (with linear warmup)
+  training.warmup_epochs = 0.0  # cosine only
+  training.weight_decay = 0.0  # adamw only
+  training.clip_norm = 1.0  # global-norm clipping of the lpa prefix updates
+  training.branches_per_stage = 1  # stagewise: branches added (and trained) per stage
+  training.train_embed_in_later_stages = False  # stagewise: keep training the embedding?
+  training.train_head_in_later_stages = True  # stagewise: keep training the head?
+
+  config.eval_batch_size = 500  # padded and masked: every example counts once
+  config.eval_every_steps = 0  # validate + checkpoint this often (0: every epoch)
+  config.log_every_steps = 50  # progress line and metrics this often
+  config.keep_checkpoints = 3  # the last N are kept, plus the best by validation accuracy
+  config.workers = 4  # grain threads preparing batches
+  return config

@@ -1,0 +1,87 @@
+"""Per-example image preprocessing in numpy/PIL (run by grain workers; no TensorFlow).
+
+Training order follows the authors' torchvision pipeline: RandAugment on the uint8 image,
+resize, random crop with zero padding, horizontal flip, then normalization.
+"""
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+MAX_MAGNITUDE = 30  # RandAugment magnitudes are on a 0..30 scale, as in the authors' code
+
+
+def _affine(img, matrix):
+  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=128)
+
+
+def _signed(v, rng):
+  return v if rng.random() < 0.5 else -v
+
+
+# Each op: (PIL image, strength in [0, 1], rng) -> PIL image.
+RAND_AUGMENT_OPS = {
+    'identity': lambda img, s, rng: img,
+    'autocontrast': lambda img, s, rng: ImageOps.autocontrast(img),
+    'equalize': lambda img, s, rng: ImageOps.equalize(img),
+    'rotate': lambda img, s, rng: img.rotate(_signed(30 * s, rng), fillcolor=128),
+    'solarize': lambda img, s, rng: ImageOps.solarize(img, int(256 - 256 * s)),
+    'posterize': lambda img, s, rng: ImageOps.posterize(img, max(1, int(8 - 4 * s))),
+    'contrast': lambda img, s, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * s, rng)),
+    'brightness': lambda img, s, rng: ImageEnhance.Brightness(img).enhance(
+        1 + _signed(0.9 * s, rng)),
+    'sharpness': lambda img, s, rng: ImageEnhance.Sharpness(img).enhance(
+        1 + _signed(0.9 * s, rng)),
+    'color': lambda img, s, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * s, rng)),
+    'shear_x': lambda img, s, rng: _affine(img, (1, _signed(0.3 * s, rng), 0, 0, 1, 0)),
+    'shear_y': lambda img, s, rng: _affine(img, (1, 0, 0, _signed(0.3 * s, rng), 1, 0)),
+    'translate_x': lambda img, s, rng: _affine(
+        img, (1, 0, _signed(0.45 * s * img.size[0], rng), 0, 1, 0)),
+    'translate_y': lambda img, s, rng: _affine(
+        img, (1, 0, 0, 0, 1, _signed(0.45 * s * img.size[1], rng))),
+}
+
+
+def rand_augment(image: np.ndarray, layers: int, magnitude: int, rng) -> np.ndarray:
+  """`layers` ops drawn uniformly, each at strength magnitude / 30; uint8 HWC in and out."""
+  gray = image.shape[-1] == 1
+  img = Image.fromarray(image[..., 0] if gray else image)
+  names = list(RAND_AUGMENT_OPS)
+  for name in rng.choice(names, size=layers):
+    img = RAND_AUGMENT_OPS[name](img, magnitude / MAX_MAGNITUDE, rng)
+  out = np.asarray(img, np.uint8)
+  return out[..., None] if gray else out
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  if image.shape[:2] == (size, size):
+    return image
+  gray = image.shape[-1] == 1
+  img = Image.fromarray(image[..., 0] if gray else image).resize((size, size),
+                                                                 Image.BILINEAR)
+  out = np.asarray(img, np.uint8)
+  return out[..., None] if gray else out
+
+
+def random_crop(image: np.ndarray, padding: int, rng) -> np.ndarray:
+  """Zero-pad by `padding` and crop back to the original size at a random offset."""
+  if padding <= 0:
+    return image
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  top, left = rng.integers(0, 2 * padding + 1, size=2)
+  return padded[top:top + h, left:left + w]
+
+
+def normalize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
+  return ((image.astype(np.float32) / 255.0) - mean) / std
+
+
+def preprocess(image: np.ndarray, aug, rng=None) -> np.ndarray:
+  """uint8 HWC -> float32 [size, size, C]; random augmentation only when rng is given."""
+  if rng is not None and aug.randaugment_layers:
+    image = rand_augment(image, aug.randaugment_layers, aug.randaugment_magnitude, rng)
+  image = resize(image, aug.image_size)
+  if rng is not None:
+    image = random_crop(image, aug.crop_padding, rng)
+    if aug.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+  return normalize(image, aug.mean, aug.std)

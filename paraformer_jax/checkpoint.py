@@ -1,0 +1,63 @@
+"""Orbax checkpoints, kept behind this one small class (a move to Orbax v1 touches only it).
+
+Each checkpoint holds two items: `state` (the TrainState pytree, restored onto whatever
+shardings the abstract target carries, so a run can resume on a different mesh) and `meta`
+(JSON: the stage and layout needed to build that target). Orbax writes into a temporary
+directory and renames it when complete, so a half-written checkpoint is never listed.
+"""
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+BEST_METRIC = 'val_accuracy'
+
+
+class Checkpoints:
+  """The last `keep` checkpoints plus (if `keep_best`) the best one by validation accuracy."""
+
+  def __init__(self, directory: str, keep: int | None = 3, keep_best: bool = True):
+    policies = [pp.LatestN(keep)]
+    if keep_best:
+      policies.append(pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies), create=True)
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=('state', 'meta'))
+
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None):
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics=metrics, force=True)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The step with the highest validation accuracy among those saved with metrics."""
+    self._manager.wait_until_finished()
+    scored = [(m[BEST_METRIC], step) for step in self._manager.all_steps()
+              if (m := self._manager.metrics(step)) and BEST_METRIC in m]
+    return max(scored)[1] if scored else None
+
+  def meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta']
+
+  def restore(self, step: int, abstract_state):
+    """The state at `step`, laid out as `abstract_state` says (shapes, dtypes, shardings)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))['state']
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()

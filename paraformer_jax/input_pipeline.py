@@ -1,0 +1,125 @@
+"""Input pipeline: TFDS array_record sources (`tfds.data_source`) read with grain, no TensorFlow.
+
+Training batches form an indexable grain `MapDataset`: batch i of a stage is a pure function
+of (seed, i), so resuming at step i needs no iterator state beyond the step itself. Each
+process reads its own share of the examples (multi-host). Evaluation batches are padded to a
+fixed size and carry a mask, so every example is counted exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from paraformer_jax import augment
+from paraformer_jax.datasets import sklearn_digits
+
+LOCAL_DATASETS = {'sklearn_digits': sklearn_digits.prepare}  # built on demand, offline
+
+
+def default_data_dir():
+  return os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+
+
+def get_source(name: str, split: str, data_dir: str | None):
+  """A random-access source of {'image', 'label'} dicts, with a clear error if unavailable."""
+  data_dir = data_dir or default_data_dir()
+  if name in LOCAL_DATASETS:
+    LOCAL_DATASETS[name](data_dir)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'Unknown dataset {name!r} (config.data.name). Use a TFDS name such as '
+                       f"'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'Dataset {name!r} is not prepared in data_dir={data_dir!r}. Nothing is downloaded '
+          f'during training; prepare it once with\n'
+          f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
+          f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
+          f'or point config.data.data_dir at a directory where it is prepared.')
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """What `augment.preprocess` needs, read off config.data."""
+  image_size: int
+  crop_padding: int
+  flip: bool
+  randaugment_layers: int
+  randaugment_magnitude: int
+  mean: float
+  std: float
+
+  @classmethod
+  def from_config(cls, data):
+    return cls(data.image_size, data.crop_padding, data.flip, data.randaugment_layers,
+               data.randaugment_magnitude, data.mean, data.std)
+
+
+def process_share(source):
+  """This process's examples: an equal, disjoint share for every process."""
+  ds = grain.MapDataset.source(source)
+  count = jax.process_count()
+  per_process = len(ds) // count
+  start = jax.process_index() * per_process
+  return ds[start:start + per_process]
+
+
+def train_batches(source, data_config, batch_size: int, seed: int):
+  """Indexable, endless dataset of {'image', 'label'} batches for this process.
+
+  `batch_size` is the global batch; each process yields batch_size / process_count rows.
+  Every pass over the data is a fresh permutation (grain reshuffles per repetition).
+  """
+  local_batch = batch_size // jax.process_count()
+  prep = Preprocess.from_config(data_config)
+
+  def transform(example, rng):
+    return {'image': augment.preprocess(np.asarray(example['image']), prep, rng),
+            'label': np.int32(example['label'])}
+
+  ds = process_share(source).shuffle(seed=seed).repeat()
+  return ds.random_map(transform, seed=seed).batch(local_batch, drop_remainder=True)
+
+
+def steps_per_epoch(source, batch_size: int) -> int:
+  return (len(source) // jax.process_count()) // (batch_size // jax.process_count())
+
+
+def iterate(batches, start: int, workers: int = 0):
+  """Iterator over batches[start:], prefetched by grain worker threads."""
+  ds = batches[start:].to_iter_dataset(
+      grain.ReadOptions(num_threads=max(workers, 1), prefetch_buffer_size=4))
+  return iter(ds)
+
+
+def eval_batches(source, data_config, batch_size: int):
+  """Every example of this process's share exactly once, in fixed-size padded batches.
+
+  Yields {'image', 'label', 'mask'}; padding rows have mask 0. The last process may get
+  the remainder examples, so shares are split by index, not truncated.
+  """
+  prep = Preprocess.from_config(data_config)
+  local_batch = batch_size // jax.process_count()
+  indices = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
+  # Every process runs the same number of batches (collectives need it), padded as needed.
+  per_process = int(np.ceil(len(source) / jax.process_count()))
+  for start in range(0, max(per_process, 1), local_batch):
+    idx = indices[start:start + local_batch]
+    images = np.zeros((local_batch, prep.image_size, prep.image_size,
+                       np.asarray(source[0]['image']).shape[-1]), np.float32)
+    labels = np.zeros((local_batch,), np.int32)
+    mask = np.zeros((local_batch,), np.float32)
+    for row, i in enumerate(idx):
+      example = source[int(i)]
+      images[row] = augment.preprocess(np.asarray(example['image']), prep)
+      labels[row] = example['label']
+      mask[row] = 1.0
+    yield {'image': images, 'label': labels, 'mask': mask}

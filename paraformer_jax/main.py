@@ -1,0 +1,44 @@
+"""Entry point: train (default) or evaluate a ParaFormer from an ml_collections config.
+
+  python -m paraformer_jax.main --config=configs/digits.py --workdir=/tmp/pf_digits
+  python -m paraformer_jax.main --config=configs/digits.py --workdir=/tmp/pf_digits \
+      --mode=eval [--step=N]
+Any config field can be overridden, e.g. --config.training.mode=stagewise.
+"""
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from paraformer_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                  'train: train (resuming from workdir) then test; eval: test a checkpoint.')
+flags.DEFINE_integer('step', None, 'eval: the checkpoint step to load (default: latest).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps our INFO lines, drops the libraries' (Orbax logs a dozen lines per save)."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or 'paraformer_jax' in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+
+
+if __name__ == '__main__':
+  app.run(main)

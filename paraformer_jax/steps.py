@@ -1,0 +1,120 @@
+"""Pure, jitted train and eval steps for every training mode.
+
+Modes (config.training.mode):
+  joint      one step on the full model's loss;
+  lpa        the authors' schedule: an LPA pass step makes L optimizer updates on one
+             minibatch, update i on the loss of branches 1..i with gradient clipping; a full
+             pass step makes one unclipped update on the full loss;
+  lpa_fused  one forward pass, the mean of all prefix losses, one update;
+  stagewise  one step on the full loss, gradients only for the unfrozen parameters.
+All forward passes run under shard_map (sharding.sharded_apply), on any mesh.
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from paraformer_jax import optim, sharding
+
+MODES = ('joint', 'lpa', 'lpa_fused', 'stagewise')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # minibatches consumed since the start of training (all stages)
+  params: dict
+  opt_state: dict  # optax state of the trained parameters only
+  rng: jax.Array
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def split_params(params, frozen_keys):
+  trained = {k: v for k, v in params.items() if k not in frozen_keys}
+  frozen = {k: v for k, v in params.items() if k in frozen_keys}
+  return trained, frozen
+
+
+def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0):
+  """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
+
+  `frozen_keys` name top-level parameter groups that get no gradient and no optimizer
+  update ('frozen_branches', and in later stages usually 'embed').
+  """
+  if mode not in MODES:
+    raise ValueError(f'config.training.mode={mode!r}; choose one of {MODES}.')
+  forward = sharding.sharded_apply(model, mesh)
+  prefix = sharding.sharded_apply(model, mesh, 'prefix_logits')
+  num_branches = model.num_branches  # the trained stack
+
+  def full_loss(params, batch, rng):
+    logits = forward(params, batch['image'], True, rng)
+    return cross_entropy(logits, batch['label']), logits
+
+  def fused_loss(params, batch, rng):
+    logits = prefix(params, batch['image'], True, rng)  # [L, batch, classes]
+    losses = jax.vmap(cross_entropy, in_axes=(0, None))(logits, batch['label'])
+    return losses.mean(), logits[-1]
+
+  def prefix_loss(i):
+    # A dynamic index keeps one copy of the model in the compiled loop over i; branches
+    # after i get zero gradient here and are left out of the update by `num_present`.
+    def loss(params, batch, rng):
+      logits = jax.lax.dynamic_index_in_dim(prefix(params, batch['image'], True, rng), i,
+                                            keepdims=False)
+      return cross_entropy(logits, batch['label']), logits
+    return loss
+
+  def update(params, opt_state, batch, rng, loss_fn, clip, num_present=None):
+    trained, frozen = split_params(params, frozen_keys)
+    (loss, logits), grads = jax.value_and_grad(
+        lambda t: loss_fn({**frozen, **t}, batch, rng), has_aux=True)(trained)
+    if clip:
+      grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
+    else:
+      grad_norm = optax.global_norm(grads)
+    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': accuracy,
+                                              'grad_norm': grad_norm}
+
+  def step(state, batch, lpa_pass=False):
+    rng = jax.random.fold_in(state.rng, state.step)
+    params, opt_state = state.params, state.opt_state
+    if mode == 'lpa' and lpa_pass:
+      def one(i, carry):
+        params, opt_state, _ = carry
+        return update(params, opt_state, batch, jax.random.fold_in(rng, i), prefix_loss(i),
+                      clip=True, num_present=i + 1)
+      metrics = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'accuracy', 'grad_norm')}
+      params, opt_state, metrics = jax.lax.fori_loop(0, num_branches, one,
+                                                     (params, opt_state, metrics))
+    elif mode == 'lpa_fused':
+      params, opt_state, metrics = update(params, opt_state, batch, rng, fused_loss, clip=False)
+    else:
+      params, opt_state, metrics = update(params, opt_state, batch, rng, full_loss, clip=False)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, static_argnames='lpa_pass', donate_argnums=0)
+
+
+def make_eval_step(model, mesh):
+  """Returns step(params, batch) -> sums: correct per prefix [L], loss of the full model, count.
+
+  Padding rows (mask 0) count for nothing, so summing over batches counts every example once.
+  """
+  prefix = sharding.sharded_apply(model, mesh, 'prefix_logits')
+
+  def step(params, batch):
+    logits = prefix(params, batch['image'])
+    mask = batch['mask']
+    correct = (jnp.argmax(logits, -1) == batch['label']) * mask
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[-1], batch['label'])
+    return {'correct': correct.sum(-1), 'loss_sum': (losses * mask).sum(),
+            'count': mask.sum()}
+
+  return jax.jit(step)

@@ -1,0 +1,329 @@
+"""Training and evaluation loops: stages, checkpoints, resume, validation, reports.
+
+Every mode runs as a sequence of stages (one stage unless `stagewise`). Stage s trains its
+model for `steps_per_stage` minibatches; the global step counts minibatches over all stages,
+and batch i of a stage is a pure function of (seed, stage, i), so a restored step is all
+that exact resume needs. A stagewise stage ends with a checkpoint in workdir/stages that the
+next stage restores and extends with fresh branches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from paraformer_jax import checkpoint, input_pipeline, optim, reporting, sharding, steps
+from paraformer_jax.model import ParaFormer, first_branches, merge_frozen, param_count
+
+
+def build_model(config, **overrides) -> ParaFormer:
+  m = config.model
+  return ParaFormer(num_classes=config.data.num_classes, patch_size=m.patch_size,
+                    width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                    num_branches=m.num_branches, branch_depth=m.branch_depth,
+                    dropout=m.dropout, block_style=m.block_style, pool=m.pool,
+                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """Which branches each stage trains and freezes, and how long it runs."""
+  config: object
+  steps_per_epoch: int
+
+  @property
+  def stagewise(self):
+    return self.config.training.mode == 'stagewise'
+
+  @property
+  def num_stages(self):
+    if not self.stagewise:
+      return 1
+    return self.config.model.num_branches // self.config.training.branches_per_stage
+
+  @property
+  def steps_per_stage(self):
+    passes = 2 if self.config.training.mode == 'lpa' else 1  # lpa: LPA pass + full pass
+    return self.config.training.epochs * passes * self.steps_per_epoch
+
+  def model(self, stage: int) -> ParaFormer:
+    if not self.stagewise:
+      return build_model(self.config)
+    per = self.config.training.branches_per_stage
+    return build_model(self.config).clone(num_branches=per, num_frozen_branches=stage * per)
+
+  def frozen_keys(self, stage: int) -> tuple:
+    if not self.stagewise or stage == 0:
+      return ()
+    t = self.config.training
+    return (('frozen_branches',) + (() if t.train_embed_in_later_stages else ('embed',)) +
+            (() if t.train_head_in_later_stages else ('head',)))
+
+  def stage_of(self, step: int) -> int:
+    return min(step // self.steps_per_stage, self.num_stages - 1)
+
+
+def check_config(config, mesh):
+  """Refuse, before anything compiles, settings that cannot work."""
+  t = config.training
+  if t.mode not in steps.MODES:
+    raise ValueError(f'config.training.mode={t.mode!r}; choose one of {steps.MODES}.')
+  model = build_model(config)
+  sharding.check_divisible(model, mesh, t.batch_size)
+  sharding.check_divisible(model, mesh, config.eval_batch_size)
+  if t.mode == 'stagewise':
+    per, total = t.branches_per_stage, config.model.num_branches
+    if per < 1 or total % per:
+      raise ValueError(f'config.training.branches_per_stage={per} must divide '
+                       f'model.num_branches={total}.')
+    sharding.check_divisible(model.clone(num_branches=per), mesh)
+  n = jax.process_count()
+  if t.batch_size % n or config.eval_batch_size % n:
+    raise ValueError(f'batch sizes ({t.batch_size}, {config.eval_batch_size}) must be '
+                     f'divisible by the {n} processes.')
+  # The image / patch check of the model, without compiling anything.
+  jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                 jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
+
+
+def state_shardings(abstract_state, mesh):
+  """Branch stacks and their per-branch optimizer state over 'branch'; the rest replicated."""
+  replicated = NamedSharding(mesh, P())
+  by_branch = NamedSharding(mesh, P('branch'))
+  return abstract_state.replace(
+      step=replicated, rng=replicated,
+      params=sharding.param_shardings(abstract_state.params, mesh),
+      opt_state={'branches': jax.tree.map(lambda _: by_branch,
+                                          abstract_state.opt_state['branches']),
+                 'shared': jax.tree.map(lambda _: replicated,
+                                        abstract_state.opt_state['shared'])})
+
+
+class Trainer:
+  """Holds what a run shares between stages: mesh, data, checkpoints, writer."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch)
+    check_config(config, self.mesh)
+    d = config.data
+    self.train_source = input_pipeline.get_source(d.name, d.train_split, d.data_dir)
+    self.val_source = input_pipeline.get_source(d.name, d.val_split, d.data_dir)
+    self.channels = np.asarray(self.train_source[0]['image']).shape[-1]
+    spe = input_pipeline.steps_per_epoch(self.train_source, config.training.batch_size)
+    if spe < 1:
+      raise ValueError(f'The training split has {len(self.train_source)} examples, fewer than '
+                       f'one batch of {config.training.batch_size}; lower the batch size.')
+    self.plan = StagePlan(config, spe)
+    self.tx = optim.make_tx(config.training, spe)
+    self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                        keep=config.keep_checkpoints)
+    self.stage_ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'stages'), keep=None,
+                                              keep_best=False)
+
+  # ---- state creation, restore, extension -------------------------------------------------
+
+  def _image_shape(self):
+    s = self.config.data.image_size
+    return (s, s, self.channels)
+
+  def _init_params(self, model, rng):
+    return model.init(rng, jnp.zeros((1, *self._image_shape())))['params']
+
+  def _state_fn(self, stage, params_fn, step):
+    """A function making the TrainState of `stage` with params from params_fn()."""
+    frozen_keys = self.plan.frozen_keys(stage)
+
+    def make():
+      params = params_fn()
+      trained, _ = steps.split_params(params, frozen_keys)
+      return steps.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                              opt_state=optim.init(self.tx, trained),
+                              rng=jax.random.PRNGKey(self.config.seed + 1))
+    return make
+
+  def _make_state(self, stage, params_fn, step):
+    """The state, created already sharded (eval_shape for the layout, then a jitted init)."""
+    make = self._state_fn(stage, params_fn, step)
+    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), self.mesh))()
+
+  def abstract_state(self, stage):
+    """Shapes, dtypes and shardings of a stage's state: the target that restores use."""
+    model = self.plan.model(stage)
+    make = self._state_fn(stage, lambda: self._init_params(model, jax.random.PRNGKey(0)), 0)
+    shapes = jax.eval_shape(make)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, state_shardings(shapes, self.mesh))
+
+  def initial_state(self):
+    model = self.plan.model(0)
+    return self._make_state(0, lambda: self._init_params(
+        model, jax.random.PRNGKey(self.config.seed)), step=0)
+
+  def extend(self, state, stage):
+    """Stage `stage` from the end of stage-1: old branches frozen, fresh branches appended."""
+    old_model = self.plan.model(stage - 1)
+    new_model = self.plan.model(stage)
+    fresh_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
+
+    def params_fn():
+      _, merged = merge_frozen(old_model, state.params)
+      fresh = self._init_params(new_model.clone(num_frozen_branches=0), fresh_rng)
+      return {'embed': merged['embed'], 'frozen_branches': merged['branches'],
+              'branches': fresh['branches'], 'head': merged['head']}
+
+    return self._make_state(stage, params_fn, step=int(state.step))
+
+  def restore(self, step, ckpts=None):
+    ckpts = ckpts or self.ckpts
+    stage = ckpts.meta(step)['stage']
+    return ckpts.restore(step, self.abstract_state(stage)), stage
+
+  # ---- loops ------------------------------------------------------------------------------
+
+  def evaluate(self, model, params, source):
+    """Accuracy of every prefix k = 1..L and the full model's loss, each example once."""
+    eval_step = steps.make_eval_step(model, self.mesh)
+    total = None
+    for batch in input_pipeline.eval_batches(source, self.config.data,
+                                             self.config.eval_batch_size):
+      out = jax.device_get(eval_step(params, sharding.global_batch(self.mesh, batch)))
+      total = out if total is None else jax.tree.map(np.add, total, out)
+    count = float(total['count'])
+    return {'prefix_accuracy': (total['correct'] / count).tolist(),
+            'loss': float(total['loss_sum'] / count), 'count': int(count)}
+
+  def validate_and_save(self, stage, state, writer):
+    model = self.plan.model(stage)
+    result = self.evaluate(model, state.params, self.val_source)
+    step = int(state.step)
+    metrics = {'val_accuracy': result['prefix_accuracy'][-1], 'val_loss': result['loss']}
+    writer.write(step, metrics)
+    logging.info('step %d validation: accuracy %.4f loss %.4f (%d examples)', step,
+                 metrics['val_accuracy'], metrics['val_loss'], result['count'])
+    self.ckpts.save(step, state, {'stage': stage}, metrics=metrics)
+    return metrics
+
+  def train_stage(self, stage, state, writer):
+    plan, config = self.plan, self.config
+    model = plan.model(stage)
+    train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
+                                       plan.frozen_keys(stage), config.training.clip_norm)
+    first = stage * plan.steps_per_stage
+    start = int(state.step) - first
+    batches = input_pipeline.train_batches(self.train_source, config.data,
+                                           config.training.batch_size, config.seed + stage)
+    data = input_pipeline.iterate(batches, start, config.workers)
+    eval_every = config.eval_every_steps or plan.steps_per_epoch
+    label = f'stage {stage + 1}/{plan.num_stages} ' if plan.stagewise else ''
+    logging.info('%straining %s: %d branches trained, %d frozen; steps %d..%d of this stage',
+                 label, config.training.mode, model.num_branches, model.num_frozen_branches,
+                 start, plan.steps_per_stage)
+    tick, tick_step = time.perf_counter(), start
+    for i in range(start, plan.steps_per_stage):
+      batch = sharding.global_batch(self.mesh, next(data))
+      lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
+      state, metrics = train_step(state, batch, lpa_pass=lpa_pass)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      step = int(state.step)
+      if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(
+            f'Non-finite training metrics at step {step}: {metrics}. Stopped; the last good '
+            f'checkpoint is step {self.ckpts.latest_step()} in {self.ckpts.directory}. Lower '
+            f'the learning rate or check the data.')
+      done = i + 1
+      if done % config.log_every_steps == 0 or done == plan.steps_per_stage:
+        now = time.perf_counter()
+        ips = (done - tick_step) * config.training.batch_size / (now - tick)
+        eta = (plan.steps_per_stage - done) * (now - tick) / (done - tick_step)
+        logging.info(reporting.progress_line(label, done, plan.steps_per_stage, metrics, ips,
+                                             eta))
+        writer.write(step, {**metrics, 'images_per_s': ips, 'stage': stage})
+        tick, tick_step = now, done
+      if done % eval_every == 0 or done == plan.steps_per_stage:
+        self.validate_and_save(stage, state, writer)
+    return state
+
+  def run(self):
+    writer = reporting.MetricWriter(self.workdir)
+    latest = self.ckpts.latest_step()
+    if latest is None:
+      state, stage = self.initial_state(), 0
+    else:
+      state, stage = self.restore(latest)
+      logging.info('Resuming from step %d (stage %d) in %s', latest, stage,
+                   self.ckpts.directory)
+    for stage in range(stage, self.plan.num_stages):
+      if int(state.step) >= (stage + 1) * self.plan.steps_per_stage:
+        continue  # this stage had already finished
+      if int(state.step) == stage * self.plan.steps_per_stage and stage > 0 and \
+          int(state.step) in self.stage_ckpts.all_steps():
+        state = self.extend(self.restore(int(state.step), self.stage_ckpts)[0], stage)
+      state = self.train_stage(stage, state, writer)
+      if self.plan.stagewise:
+        self.stage_ckpts.save(int(state.step), state, {'stage': stage})
+        self.stage_ckpts.wait()
+        if stage + 1 < self.plan.num_stages:
+          state = self.extend(state, stage + 1)
+    self.ckpts.wait()
+    results = self.report(self.plan.num_stages - 1, state, 'final')
+    writer.close()
+    return results
+
+  def report(self, stage, state, name, split=None):
+    """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
+    d = self.config.data
+    split = split or d.test_split
+    source = input_pipeline.get_source(d.name, split, d.data_dir)
+    model, params = merge_frozen(self.plan.model(stage), state.params)
+    result = self.evaluate(model, params, source)
+    counts = [param_count(first_branches(model, params, k)[1])
+              for k in range(1, model.num_branches + 1)]
+    rows = reporting.prefix_rows(result['prefix_accuracy'], counts)
+    title = (f'{name} (step {int(state.step)}): {d.name} {split}, {result["count"]} examples, '
+             f'accuracy of the first k branches')
+    table = reporting.prefix_table(rows, title)
+    print(table, flush=True)
+    if jax.process_index() == 0:
+      base = os.path.join(self.workdir, f'{name}_prefix_accuracy')
+      with open(base + '.json', 'w') as f:
+        json.dump({'step': int(state.step), 'split': split, 'loss': result['loss'],
+                   'count': result['count'], 'prefixes': rows}, f, indent=1)
+      reporting.plot_prefix(rows, base + '.png', f'{d.name} {split}, step {int(state.step)}')
+      logging.info('Wrote %s.json and %s.png', base, base)
+    return {'rows': rows, **result}
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=1))
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.run()
+  finally:
+    trainer.ckpts.wait()
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None):
+  """Loads a checkpoint (latest by default) and reports every prefix on the test split."""
+  trainer = Trainer(config, workdir)
+  steps_saved = trainer.ckpts.all_steps()
+  if not steps_saved:
+    raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory}: train first with '
+                            f'--mode=train, or pass the --workdir of a trained run.')
+  step = steps_saved[-1] if step is None else step
+  if step not in steps_saved:
+    raise ValueError(f'No checkpoint for step {step} in {trainer.ckpts.directory}; saved '
+                     f'steps: {sorted(steps_saved)}.')
+  state, stage = trainer.restore(step)
+  return trainer.report(stage, state, f'eval_step{step}')
