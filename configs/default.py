@@ -12,7 +12,7 @@ def get_config():
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'cifar10'  # a TFDS dataset name
-  data.data_dir = None  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  data.data_dir = ''  # TFDS data_dir; '': $TFDS_DATA_DIR or ~/tensorflow_datasets
   data.train_split = 'train[:90%]'  # the authors hold out 10% of train for validation
   data.val_split = 'train[90%:]'  # picks the best checkpoint
   data.test_split = 'test'  # reported at the end and by --mode=eval

@@ -30,20 +30,19 @@ def get_source(name: str, split: str, data_dir: str | None):
   data_dir = data_dir or default_data_dir()
   if name in LOCAL_DATASETS:
     LOCAL_DATASETS[name](data_dir)
-  else:
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f'Unknown dataset {name!r} (config.data.name). Use a TFDS name such as '
-                       f"'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'Dataset {name!r} is not prepared in data_dir={data_dir!r}. Nothing is downloaded '
-          f'during training; prepare it once with\n'
-          f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
-          f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
-          f'or point config.data.data_dir at a directory where it is prepared.')
-  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown dataset {name!r} (config.data.name). Use a TFDS name such as '
+                     f"'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
+  except (NotImplementedError, FileNotFoundError, AssertionError) as e:
+    # TFDS's own message here is about file formats; say what to do instead.
+    raise FileNotFoundError(
+        f'Dataset {name!r} is not prepared as array_record in data_dir={data_dir!r}. Nothing '
+        f'is downloaded during training; prepare it once with\n'
+        f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
+        f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
+        f'or point config.data.data_dir at a directory where it is prepared.') from e
 
 
 @dataclasses.dataclass(frozen=True)

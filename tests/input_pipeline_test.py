@@ -1,0 +1,73 @@
+"""Input pipelines on TFDS mock data and on the real digits; clear errors for bad datasets."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar10, digits, imagenet
+from paraformer_jax import augment, input_pipeline
+
+
+def _check_batch(batch, config, batch_size, channels):
+  size = config.data.image_size
+  assert batch['image'].shape == (batch_size, size, size, channels)
+  assert batch['image'].dtype == np.float32
+  lo = (0 - config.data.mean) / config.data.std
+  hi = (1 - config.data.mean) / config.data.std
+  assert lo - 1e-5 <= batch['image'].min() and batch['image'].max() <= hi + 1e-5
+  assert batch['image'].std() > 0.05  # not a constant image
+  assert np.all((0 <= batch['label']) & (batch['label'] < config.data.num_classes))
+
+
+@pytest.mark.parametrize('get_config', [cifar10.get_config, imagenet.get_config],
+                         ids=['cifar10', 'imagenet2012'])
+def test_mock_pipelines_make_shaped_normalized_batches(get_config):
+  config = get_config()
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = input_pipeline.get_source(config.data.name, config.data.train_split, None)
+    batches = input_pipeline.train_batches(source, config.data, batch_size=4, seed=0)
+    _check_batch(batches[0], config, 4, 3)
+    assert not np.array_equal(batches[0]['image'], batches[1]['image'])
+    test = input_pipeline.get_source(config.data.name, config.data.test_split, None)
+    evals = list(input_pipeline.eval_batches(test, config.data, batch_size=5))
+  assert [b['mask'].sum() for b in evals] == [5, 5, 2]  # 12 examples, each once
+  _check_batch(evals[0], config, 5, 3)
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_index(tmp_path):
+  config = digits.get_config()
+  source = input_pipeline.get_source('sklearn_digits', 'train', str(tmp_path))
+  assert len(source) == 1257
+  a = input_pipeline.train_batches(source, config.data, batch_size=64, seed=3)
+  b = input_pipeline.train_batches(source, config.data, batch_size=64, seed=3)
+  np.testing.assert_array_equal(a[25]['image'], b[25]['image'])
+  it = input_pipeline.iterate(a, 25)
+  np.testing.assert_array_equal(next(it)['label'], b[25]['label'])
+  # One pass (19 batches) sees 19 * 64 distinct examples; the next pass reshuffles.
+  assert input_pipeline.steps_per_epoch(source, 64) == 19
+  c = input_pipeline.train_batches(source, config.data, batch_size=64, seed=4)
+  assert not np.array_equal(a[0]['label'], c[0]['label'])
+
+
+def test_random_crop_and_rand_augment_keep_shapes():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  cropped = augment.random_crop(image, 4, rng)
+  assert cropped.shape == image.shape
+  # Zero padding of 4: the crop is the image shifted by at most 4 pixels.
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+  assert any(np.array_equal(cropped, padded[t:t + 16, l:l + 16])
+             for t in range(9) for l in range(9))
+  for name, op in augment.RAND_AUGMENT_OPS.items():
+    from PIL import Image
+    out = np.asarray(op(Image.fromarray(image), 0.5, rng))
+    assert out.shape == image.shape and out.dtype == np.uint8, name
+  gray = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
+  assert augment.rand_augment(gray, 2, 14, rng).shape == (8, 8, 1)
+
+
+def test_unknown_and_unprepared_datasets_say_what_to_do(tmp_path):
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_set'"):
+    input_pipeline.get_source('no_such_set', 'train', str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r'tfds build cifar10 --data_dir=.* '
+                                              r'--file_format=array_record'):
+    input_pipeline.get_source('cifar10', 'train', str(tmp_path))

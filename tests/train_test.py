@@ -1,0 +1,236 @@
+"""The trainer: end to end through main, resume, stagewise freezing, lpa, exact evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import SMALL
+
+from configs import tiny
+from paraformer_jax import input_pipeline, optim, sharding, steps, train
+from paraformer_jax.model import ParaFormer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def tiny_config(data_dir, **training):
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  config.eval_every_steps = 5
+  config.training.update(training)
+  return config
+
+
+def restore_latest(config, workdir):
+  trainer = train.Trainer(config, workdir)
+  return trainer.restore(trainer.ckpts.latest_step())[0]
+
+
+def trees_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+@pytest.mark.slow
+def test_main_trains_then_evaluates_like_a_user(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  base = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.training.epochs=1']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  final = json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))
+  assert final['count'] == 360 and final['step'] == 13  # 1,257 // 96 steps
+  assert [r['branches'] for r in final['prefixes']] == [1, 2, 3, 4]
+  assert 'accuracy of the first k branches' in out.stdout
+  assert os.path.getsize(os.path.join(workdir, 'final_prefix_accuracy.png')) > 1000
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  logged = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert {'loss', 'accuracy', 'images_per_s'} <= set(logged[0])
+  assert any('val_accuracy' in m for m in logged)
+
+  out = subprocess.run(base + ['--mode=eval'], cwd=REPO, env=env, capture_output=True,
+                       text=True, check=True)
+  evaluated = json.load(open(os.path.join(workdir, 'eval_step13_prefix_accuracy.json')))
+  # The latest checkpoint holds the final parameters: the same accuracies.
+  assert evaluated['prefixes'] == final['prefixes']
+  assert 'eval_step13' in out.stdout
+
+  bad = subprocess.run(base[:4] + [f'--workdir={tmp_path / "empty"}', base[5], '--mode=eval'],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+  assert bad.returncode != 0 and 'No checkpoint in' in bad.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, epochs=1)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  want = restore_latest(config, str(tmp_path / 'straight'))
+
+  real_iterate = input_pipeline.iterate
+
+  def interrupted(batches, start, workers=0):  # the 8th batch never arrives
+    it = real_iterate(batches, start, workers)
+    for _ in range(7):
+      yield next(it)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(input_pipeline, 'iterate', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(input_pipeline, 'iterate', real_iterate)
+  trainer = train.Trainer(config, str(tmp_path / 'resumed'))
+  assert trainer.ckpts.latest_step() == 5  # the last checkpoint before the interruption
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  got = restore_latest(config, str(tmp_path / 'resumed'))
+  assert int(got.step) == int(want.step) == 13
+  assert trees_equal(got.params, want.params)
+  assert trees_equal(got.opt_state, want.opt_state)
+
+
+@pytest.mark.slow
+def test_stagewise_freezes_and_extends(data_dir, tmp_path):
+  config = tiny_config(data_dir, mode='stagewise', branches_per_stage=2, epochs=1)
+  config.mesh.branch = 2  # each stage's 2 branches split over 2 devices
+  workdir = str(tmp_path / 'stagewise')
+  train.train_and_evaluate(config, workdir)
+  trainer = train.Trainer(config, workdir)
+  assert trainer.stage_ckpts.all_steps() == [13, 26]
+  stage0, s0 = trainer.restore(13, trainer.stage_ckpts)
+  stage1, s1 = trainer.restore(26, trainer.stage_ckpts)
+  assert (s0, s1) == (0, 1)
+  # Frozen: bit-identical after a stage of training; the embedding too (frozen by default).
+  assert trees_equal(stage1.params['frozen_branches'], stage0.params['branches'])
+  assert trees_equal(stage1.params['embed'], stage0.params['embed'])
+  assert not trees_equal(stage1.params['head'], stage0.params['head'])
+  # The optimizer holds state for the trained branches and the head only.
+  mu = stage1.opt_state['shared'][0].mu
+  assert set(mu) == {'head'}
+  assert {a.shape[0] for a in jax.tree.leaves(stage1.opt_state['branches'])} == {2}
+  # Extending from the stage checkpoint restores the earlier branches exactly.
+  extended = trainer.extend(stage0, 1)
+  assert trees_equal(extended.params['frozen_branches'], stage0.params['branches'])
+  assert not trees_equal(extended.params['branches'], stage0.params['branches'])
+  assert int(extended.step) == 13
+  assert extended.params['branches']['branch']['block0']['mlp']['fc1']['kernel'].sharding.spec[
+      0] == 'branch'
+
+
+def _fresh_state(params, tx):
+  """A TrainState over copies of params (train steps donate their input state)."""
+  params = jax.tree.map(jnp.copy, params)
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
+
+
+def _mesh1():
+  return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def test_lpa_counts_one_update_per_prefix_and_one_per_full_step(images):
+  model = ParaFormer(num_branches=4, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  tx = optax.adam(1e-3)
+  state = _fresh_state(params, tx)
+  step = steps.make_train_step(model, _mesh1(), tx, 'lpa')
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  state, _ = step(state, batch, lpa_pass=True)
+  # Branch i takes part in updates i..L: counts L, L-1, ..., 1; shared parts in all L.
+  np.testing.assert_array_equal(state.opt_state['branches'][0].count, [4, 3, 2, 1])
+  assert int(state.opt_state['shared'][0].count) == 4
+  state, _ = step(state, batch, lpa_pass=False)
+  np.testing.assert_array_equal(state.opt_state['branches'][0].count, [5, 4, 3, 2])
+  assert int(state.opt_state['shared'][0].count) == 5 and int(state.step) == 2
+
+
+def test_lpa_updates_equal_hand_computed_adam_steps(images):
+  """Two branches: update 1 on the branch-1 loss, update 2 on the full loss, by hand."""
+  model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  labels = jnp.arange(8) % 10
+  lr = 1e-3
+  tx = optax.adam(lr)
+  state = _fresh_state(params, tx)
+  got, _ = steps.make_train_step(model, _mesh1(), tx, 'lpa')(state, {'image': images,
+                                                                     'label': labels},
+                                                             lpa_pass=True)
+
+  def prefix_grads(p, k):
+    def loss(p):
+      logits = model.apply({'params': p}, images, method=ParaFormer.prefix_logits)[k - 1]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    g = jax.grad(loss)(p)
+    norm = optax.global_norm(g)
+    return jax.tree.map(lambda x: x * min(1.0, 1.0 / (float(norm) + 1e-6)), g)
+
+  slot = lambda p, i: jax.tree.map(lambda a: a[i], p['branches'])
+  # Update 1: branch 1, embed and head take a first Adam step; branch 2 is untouched.
+  g1 = prefix_grads(params, 1)
+  first = lambda p, g: jax.tree.map(lambda x, gx: x - lr * gx / (jnp.abs(gx) + 1e-8), p, g)
+  p1 = {'embed': first(params['embed'], g1['embed']), 'head': first(params['head'], g1['head'])}
+  b1 = first(slot(params, 0), slot(g1, 0))
+  # Update 2, by optax on separate states: shared parts and branch 1 take their second step,
+  # branch 2 its first.
+  current = {**p1, 'branches': jax.tree.map(lambda a, b: jnp.stack([a, b]), b1,
+                                            slot(params, 1))}
+  g2 = prefix_grads(current, 2)
+  second_tx, first_tx = optax.adam(lr), optax.adam(lr)
+  s = second_tx.init({'embed': params['embed'], 'head': params['head'], 'b': slot(params, 0)})
+  _, s = second_tx.update({'embed': g1['embed'], 'head': g1['head'], 'b': slot(g1, 0)}, s)
+  u, _ = second_tx.update({'embed': g2['embed'], 'head': g2['head'], 'b': slot(g2, 0)}, s)
+  u2, _ = first_tx.update(slot(g2, 1), first_tx.init(slot(params, 1)))
+  want = {'embed': optax.apply_updates(p1['embed'], u['embed']),
+          'head': optax.apply_updates(p1['head'], u['head']),
+          'branches': jax.tree.map(lambda a, b: jnp.stack([a, b]),
+                                   optax.apply_updates(b1, u['b']),
+                                   optax.apply_updates(slot(params, 1), u2))}
+  # Within 1% of one step (lr): a first Adam step g / (|g| + eps) is ill-conditioned where
+  # |g| ~ eps; a wrong mask or order would be off by a whole step.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * lr),
+               got.params, want)
+  # And the second branch did move (by one first step, not zero).
+  assert np.abs(np.asarray(jax.tree.leaves(got.params['branches'])[0][1]
+                           - jax.tree.leaves(params['branches'])[0][1])).max() > 0.5 * lr
+
+
+def test_fused_loss_is_the_mean_of_prefix_losses(images):
+  model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  labels = jnp.arange(8) % 10
+  tx = optax.sgd(0.1)
+  state = _fresh_state(params, tx)
+  _, metrics = steps.make_train_step(model, _mesh1(), tx, 'lpa_fused')(
+      state, {'image': images, 'label': labels})
+  logits = model.apply({'params': params}, images, method=ParaFormer.prefix_logits)
+  want = np.mean([optax.softmax_cross_entropy_with_integer_labels(l, labels).mean()
+                  for l in logits])
+  np.testing.assert_allclose(metrics['loss'], want, rtol=1e-5)
+
+
+def test_exact_evaluation_counts_every_example_once(data_dir):
+  config = tiny_config(data_dir)  # test split: 360 images, eval batches of 128
+  trainer = train.Trainer(config, os.path.join(data_dir, 'unused_workdir'))
+  model = trainer.plan.model(0)
+  params = trainer.initial_state().params
+  source = input_pipeline.get_source('sklearn_digits', 'test', data_dir)
+  result = trainer.evaluate(model, params, source)
+  assert result['count'] == 360
+  # Independently: every test image through the plain model, one at a time in numpy order.
+  prep = input_pipeline.Preprocess.from_config(config.data)
+  from paraformer_jax import augment
+  x = np.stack([augment.preprocess(np.asarray(source[i]['image']), prep) for i in range(360)])
+  y = np.array([source[i]['label'] for i in range(360)])
+  params = jax.device_get(params)
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x,
+                                            method=ParaFormer.prefix_logits))(params, x)
+  want = (np.argmax(logits, -1) == y).mean(-1)
+  np.testing.assert_allclose(result['prefix_accuracy'], want, atol=1e-6)
