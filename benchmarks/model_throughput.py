@@ -31,6 +31,23 @@ def timed(fn, *args, repeats):
   return statistics.median(times)
 
 
+def interleaved(calls, repeats):
+  """{name: median seconds} of no-argument calls timed round-robin.
+
+  Alternating the models inside each round spreads the load of a shared machine over all
+  of them, so their ratios stay meaningful even when absolute numbers drift.
+  """
+  for fn in calls.values():
+    jax.block_until_ready(fn())  # compile
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def matmul_peak(dtype, n=4096, repeats=5):
   """GFLOP/s of a jitted n x n matmul (f32 accumulation)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -52,31 +69,23 @@ def make_train_step(model, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_model(model, args):
+def model_calls(model, args):
+  """No-argument calls: a training step at --batch, inference at --batch and at batch 1."""
   shape = (args.image_size, args.image_size, 3)
   images = jax.random.normal(jax.random.key(0), (args.batch, *shape))
   labels = jnp.arange(args.batch) % model.num_classes
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
   tx = optax.adam(1e-4)
-  opt_state = tx.init(params)
   step = make_train_step(model, tx)
-  state = [params, opt_state]
+  state = [params, tx.init(params)]
 
-  def train(images, labels):  # keeps donated buffers threaded through the repeats
+  def train():  # threads the donated buffers through the repeats
     state[:] = step(*state, images, labels)
     return state[0]
 
   infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  flops = forward_flops(model, args.image_size)
-  row = {'train_s': timed(train, images, labels, repeats=args.repeats)}
-  row['infer_s'] = timed(infer, state[0], images, repeats=args.repeats)
-  row['infer1_s'] = timed(infer, state[0], images[:1], repeats=4 * args.repeats)
-  row['train_ips'] = args.batch / row['train_s']
-  row['train_gflops'] = 3 * flops * row['train_ips'] / 1e9
-  row['infer_ips'] = args.batch / row['infer_s']
-  row['infer_gflops'] = flops * row['infer_ips'] / 1e9
-  row['infer1_gflops'] = flops / row['infer1_s'] / 1e9
-  return flops, row
+  return {'train': train, 'infer': lambda: infer(state[0], images),
+          'infer1': lambda: infer(state[0], images[:1])}
 
 
 def main():
@@ -101,16 +110,25 @@ def main():
         f'infer b{args.batch} img/s (GFLOP/s) | infer b1 ms (GFLOP/s, % f32 peak) |')
   print('|---|---|---|---|---|---|')
   runs = [(8, 2, s) for s in args.strategies.split(',')] + [(1, 16, 'scan')]
+  calls, flops = {}, {}
   for branches, depth, strategy in runs:
     model = ParaFormer(num_classes=10, patch_size=args.patch_size, width=192, num_heads=3,
                        mlp_dim=768, num_branches=branches, branch_depth=depth, dtype=dtype,
                        branch_strategy=strategy)
-    flops, r = bench_model(model, args)
     name = f'{branches}x{depth}' + (f' {strategy}' if branches > 1 else '')
-    print(f'| {name} | {flops / 1e9:.3f} | {r["train_ips"]:.1f} | '
-          f'{r["train_gflops"]:.0f} ({100 * r["train_gflops"] / ref:.0f}%) | '
-          f'{r["infer_ips"]:.1f} ({r["infer_gflops"]:.0f}) | {1e3 * r["infer1_s"]:.1f} '
-          f'({r["infer1_gflops"]:.0f}, {100 * r["infer1_gflops"] / ref:.0f}%) |', flush=True)
+    flops[name] = forward_flops(model, args.image_size)
+    calls.update({(name, kind): fn for kind, fn in model_calls(model, args).items()})
+  t = interleaved(calls, args.repeats)
+  for name in flops:
+    f = flops[name]
+    train_ips = args.batch / t[name, 'train']
+    infer_ips = args.batch / t[name, 'infer']
+    train_gf, infer_gf = 3 * f * train_ips / 1e9, f * infer_ips / 1e9
+    infer1_gf = f / t[name, 'infer1'] / 1e9
+    print(f'| {name} | {f / 1e9:.3f} | {train_ips:.1f} | {train_gf:.0f} '
+          f'({100 * train_gf / ref:.0f}%) | {infer_ips:.1f} ({infer_gf:.0f}) | '
+          f'{1e3 * t[name, "infer1"]:.1f} ({infer1_gf:.0f}, {100 * infer1_gf / ref:.0f}%) |',
+          flush=True)
   print(f'matmul peak again at the end: f32 {matmul_peak(jnp.float32):.0f} GFLOP/s')
 
 

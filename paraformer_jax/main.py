@@ -19,6 +19,12 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and rep
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                   'train: train (resuming from workdir) then test; eval: test a checkpoint.')
 flags.DEFINE_integer('step', None, 'eval: the checkpoint step to load (default: latest).')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize(): one process per host. On TPU pods and '
+                  'SLURM the coordinator is found automatically; elsewhere pass the next three.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,6 +40,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    import jax
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:

@@ -1,0 +1,91 @@
+"""Seconds per minibatch of each training mode, measured in one run.
+
+  lpa        its LPA step (L prefix updates) plus one full step: the work per minibatch
+  lpa_fused  one step on the mean of the prefix losses
+  joint      one step on the full loss
+  stagewise  a step with k frozen branches and L-k trained, against joint over all L
+
+Batches are random arrays of the dataset's shape (step time does not depend on the pixels).
+
+  .venv/bin/python benchmarks/training_modes.py --config=digits
+  .venv/bin/python benchmarks/training_modes.py --config=cifar32 --batch=64
+"""
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import cifar10, digits
+from paraformer_jax import optim, sharding, steps, train
+
+CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
+
+
+def seconds_per_call(fn, repeats):
+  fn()  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def step_runner(model, mode, frozen_keys, batch, lpa_pass=None):
+  """A no-argument function running one train step (state threaded through donation)."""
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  params = model.init(jax.random.key(0), batch['image'][:1])['params']
+  trained, _ = steps.split_params(params, frozen_keys)
+  tx = optax.adam(1e-4)
+  state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))]
+  step = steps.make_train_step(model, mesh, tx, mode, frozen_keys)
+
+  def run():
+    state[0], metrics = step(state[0], batch, lpa_pass=bool(lpa_pass))
+    return metrics['loss']
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='digits', choices=sorted(CONFIGS))
+  parser.add_argument('--batch', type=int, default=None, help='default: the config\'s')
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  get_config, channels = CONFIGS[args.config]
+  config = get_config()
+  config.model.dropout = 0.0
+  batch_size = args.batch or config.training.batch_size
+  size = config.data.image_size
+  batch = {'image': jax.random.normal(jax.random.key(1), (batch_size, size, size, channels)),
+           'label': jnp.arange(batch_size) % config.data.num_classes}
+  model = train.build_model(config)
+  L = model.num_branches
+  print(f'{args.config}: {size}px, L={L}, M={model.branch_depth}, D={model.width}, '
+        f'batch {batch_size}, backend {jax.default_backend()}')
+
+  full = step_runner(model, 'lpa', (), batch, lpa_pass=False)
+  t = {'joint': seconds_per_call(step_runner(model, 'joint', (), batch), args.repeats),
+       'lpa_fused': seconds_per_call(step_runner(model, 'lpa_fused', (), batch), args.repeats)}
+  t['lpa'] = (seconds_per_call(step_runner(model, 'lpa', (), batch, lpa_pass=True),
+                               args.repeats) + seconds_per_call(full, args.repeats))
+  staged = model.clone(num_branches=1, num_frozen_branches=L - 1)
+  t['stagewise'] = seconds_per_call(step_runner(staged, 'stagewise',
+                                                ('frozen_branches', 'embed'), batch),
+                                    args.repeats)
+  print('| mode | s / minibatch | vs lpa | vs joint |')
+  print('|---|---|---|---|')
+  for mode in ('lpa', 'lpa_fused', 'joint', 'stagewise'):
+    label = f'stagewise ({L - 1} frozen + 1 trained)' if mode == 'stagewise' else mode
+    if mode == 'lpa':
+      label = f'lpa ({L} prefix updates + 1 full step)'
+    print(f'| {label} | {t[mode]:.4f} | {t["lpa"] / t[mode]:.2f}x faster | '
+          f'{t[mode] / t["joint"]:.2f}x the time |')
+
+
+if __name__ == '__main__':
+  main()
