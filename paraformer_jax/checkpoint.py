@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -26,8 +27,10 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies), create=True)
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'meta'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -50,6 +53,17 @@ class Checkpoints:
   def meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']
+
+  def param_shapes(self, step: int) -> dict:
+    """{"['embed']['patch']['kernel']": shape, ...} of the saved params, from metadata only."""
+    prefix = "['params']"
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        self._manager.item_metadata(step)['state']):
+      key = jax.tree_util.keystr(path)
+      if key.startswith(prefix):
+        shapes[key[len(prefix):]] = tuple(leaf.shape)
+    return shapes
 
   def restore(self, step: int, abstract_state):
     """The state at `step`, laid out as `abstract_state` says (shapes, dtypes, shardings)."""

@@ -11,7 +11,6 @@ import dataclasses
 import os
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -62,34 +61,40 @@ class Preprocess:
                data.randaugment_magnitude, data.mean, data.std)
 
 
-def process_share(source):
-  """This process's examples: an equal, disjoint share for every process."""
-  ds = grain.MapDataset.source(source)
-  count = jax.process_count()
-  per_process = len(ds) // count
-  start = jax.process_index() * per_process
-  return ds[start:start + per_process]
+SINGLE = (0, 1)  # (index, count) of a process that loads everything
 
 
-def train_batches(source, data_config, batch_size: int, seed: int):
-  """Indexable, endless dataset of {'image', 'label'} batches for this process.
+def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE):
+  """Indexable, endless dataset of this process's rows of every global batch.
 
-  `batch_size` is the global batch; each process yields batch_size / process_count rows.
-  Every pass over the data is a fresh permutation (grain reshuffles per repetition).
+  All processes see one global stream: a fresh permutation of the whole split per pass
+  (grain reshuffles per repetition), augmented with randomness drawn from each example's
+  global position. Global batch b is stream[b * batch_size:(b + 1) * batch_size]; the
+  process with `shard` = (index, count) (sharding.data_shard) loads and augments only its
+  batch_size / count rows of it. So the batches, and the training, do not depend on how
+  many processes share the work.
   """
-  local_batch = batch_size // jax.process_count()
+  index, count = shard
+  local_batch = batch_size // count
   prep = Preprocess.from_config(data_config)
 
   def transform(example, rng):
     return {'image': augment.preprocess(np.asarray(example['image']), prep, rng),
             'label': np.int32(example['label'])}
 
-  ds = process_share(source).shuffle(seed=seed).repeat()
-  return ds.random_map(transform, seed=seed).batch(local_batch, drop_remainder=True)
+  stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  stream = stream.random_map(transform, seed=seed)
+
+  def local_row(j):
+    b, r = divmod(j, local_batch)
+    return stream[b * batch_size + index * local_batch + r]
+
+  rows = grain.MapDataset.range(len(stream) // batch_size * local_batch).map(local_row)
+  return rows.batch(local_batch, drop_remainder=True)
 
 
 def steps_per_epoch(source, batch_size: int) -> int:
-  return (len(source) // jax.process_count()) // (batch_size // jax.process_count())
+  return len(source) // batch_size
 
 
 def iterate(batches, start: int, workers: int = 0):
@@ -99,18 +104,19 @@ def iterate(batches, start: int, workers: int = 0):
   return iter(ds)
 
 
-def eval_batches(source, data_config, batch_size: int):
-  """Every example of this process's share exactly once, in fixed-size padded batches.
+def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
+  """Every example of this process's slice exactly once, in fixed-size padded batches.
 
-  Yields {'image', 'label', 'mask'}; padding rows have mask 0. The last process may get
-  the remainder examples, so shares are split by index, not truncated.
+  Yields {'image', 'label', 'mask'}; padding rows have mask 0. Slices are split by index,
+  not truncated, so the remainder examples are counted too.
   """
   prep = Preprocess.from_config(data_config)
-  local_batch = batch_size // jax.process_count()
-  indices = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
+  index, count = shard
+  local_batch = batch_size // count
+  indices = np.array_split(np.arange(len(source)), count)[index]
   # Every process runs the same number of batches (collectives need it), padded as needed.
-  per_process = int(np.ceil(len(source) / jax.process_count()))
-  for start in range(0, max(per_process, 1), local_batch):
+  per_shard = int(np.ceil(len(source) / count))
+  for start in range(0, max(per_shard, 1), local_batch):
     idx = indices[start:start + local_batch]
     images = np.zeros((local_batch, prep.image_size, prep.image_size,
                        np.asarray(source[0]['image']).shape[-1]), np.float32)

@@ -42,6 +42,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed or FLAGS.coordinator_address:
     import jax
+    # CPU collectives across processes (tests, CPU clusters); GPU and TPU ignore it.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

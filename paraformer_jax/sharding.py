@@ -103,12 +103,34 @@ def sharded_apply(model: ParaFormer, mesh, method: str = '__call__'):
   return apply
 
 
+def data_shard(mesh) -> tuple[int, int]:
+  """(index, count): which of `count` equal slices of every global batch this process loads.
+
+  A process loads the rows its devices hold on the 'data' axis. Processes whose devices
+  cover the same rows (e.g. when only 'branch' spans processes) load the same examples.
+  """
+  rows = {}
+  for (i, _), device in np.ndenumerate(mesh.devices):
+    rows.setdefault(device.process_index, set()).add(i)
+  groups = sorted({tuple(sorted(r)) for r in rows.values()})
+  sizes = {len(g) for g in groups}
+  if len(sizes) != 1 or sum(len(g) for g in groups) != mesh.shape['data']:
+    raise ValueError(f'The processes hold uneven parts of the mesh data axis ({groups}); use '
+                     f'a mesh whose data axis splits evenly over the {jax.process_count()} '
+                     f'processes.')
+  return groups.index(tuple(sorted(rows[jax.process_index()]))), len(groups)
+
+
 def global_batch(mesh, local_batch):
-  """A global array, batch split over 'data', from this process's share of the batch.
+  """A global array, batch split over 'data', from this process's slice of the batch.
 
   On one process this is just a device_put; on several (TPU pod, multi-node GPU) every
-  process passes its own rows and the result spans all of them.
+  process passes the rows of its `data_shard` and the result spans all of them.
   """
   sharding = NamedSharding(mesh, P('data'))
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
-                      local_batch)
+  count = data_shard(mesh)[1]
+
+  def make(a):
+    a = np.asarray(a)
+    return jax.make_array_from_process_local_data(sharding, a, (a.shape[0] * count,) + a.shape[1:])
+  return jax.tree.map(make, local_batch)

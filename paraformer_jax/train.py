@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from paraformer_jax import checkpoint, input_pipeline, optim, reporting, sharding, steps
@@ -84,10 +86,6 @@ def check_config(config, mesh):
       raise ValueError(f'config.training.branches_per_stage={per} must divide '
                        f'model.num_branches={total}.')
     sharding.check_divisible(model.clone(num_branches=per), mesh)
-  n = jax.process_count()
-  if t.batch_size % n or config.eval_batch_size % n:
-    raise ValueError(f'batch sizes ({t.batch_size}, {config.eval_batch_size}) must be '
-                     f'divisible by the {n} processes.')
   # The image / patch check of the model, without compiling anything.
   jax.eval_shape(model.init, jax.random.PRNGKey(0),
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
@@ -106,6 +104,31 @@ def state_shardings(abstract_state, mesh):
                                         abstract_state.opt_state['shared'])})
 
 
+class Preemption:
+  """SIGTERM (preemption, scancel, kill) asks the loop to save after the current step.
+
+  On several processes, they agree on the step to stop at: each step, a process stops if
+  any process was signalled.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook's worker): no handler
+      logging.warning('SIGTERM handling is off: the trainer does not run in the main thread.')
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+    logging.warning('SIGTERM received: saving after the current step, then exiting.')
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
+
+
 class Trainer:
   """Holds what a run shares between stages: mesh, data, checkpoints, writer."""
 
@@ -118,6 +141,7 @@ class Trainer:
     self.train_source = input_pipeline.get_source(d.name, d.train_split, d.data_dir)
     self.val_source = input_pipeline.get_source(d.name, d.val_split, d.data_dir)
     self.channels = np.asarray(self.train_source[0]['image']).shape[-1]
+    self.shard = sharding.data_shard(self.mesh)
     spe = input_pipeline.steps_per_epoch(self.train_source, config.training.batch_size)
     if spe < 1:
       raise ValueError(f'The training split has {len(self.train_source)} examples, fewer than '
@@ -185,7 +209,26 @@ class Trainer:
   def restore(self, step, ckpts=None):
     ckpts = ckpts or self.ckpts
     stage = ckpts.meta(step)['stage']
-    return ckpts.restore(step, self.abstract_state(stage)), stage
+    abstract = self.abstract_state(stage)
+    self._check_fits(ckpts, step, abstract.params)
+    return ckpts.restore(step, abstract), stage
+
+  def _check_fits(self, ckpts, step, abstract_params):
+    """A clear error, before Orbax's, when the config's parameters are not the checkpoint's."""
+    saved = ckpts.param_shapes(step)
+    wanted = {jax.tree_util.keystr(p): tuple(a.shape)
+              for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    problems = [f'{k}: checkpoint {saved.get(k)}, config {wanted.get(k)}'
+                for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if not problems:
+      return
+    branches = {v[0] for k, v in saved.items() if k.startswith("['branches']")}
+    raise ValueError(
+        f'Checkpoint step {step} in {ckpts.directory} does not fit this config '
+        f'({len(problems)} parameters differ; the checkpoint has {sorted(branches)} trained '
+        f'branches, the config model.num_branches={self.config.model.num_branches}):\n  ' +
+        '\n  '.join(problems[:5]) + '\nUse the config the checkpoint was trained with (see '
+        f'config.json beside it), or a new --workdir for a different model.')
 
   # ---- loops ------------------------------------------------------------------------------
 
@@ -194,7 +237,7 @@ class Trainer:
     eval_step = steps.make_eval_step(model, self.mesh)
     total = None
     for batch in input_pipeline.eval_batches(source, self.config.data,
-                                             self.config.eval_batch_size):
+                                             self.config.eval_batch_size, self.shard):
       out = jax.device_get(eval_step(params, sharding.global_batch(self.mesh, batch)))
       total = out if total is None else jax.tree.map(np.add, total, out)
     count = float(total['count'])
@@ -212,7 +255,8 @@ class Trainer:
     self.ckpts.save(step, state, {'stage': stage}, metrics=metrics)
     return metrics
 
-  def train_stage(self, stage, state, writer):
+  def train_stage(self, stage, state, writer, preemption):
+    """Trains to the end of the stage; returns (state, preempted)."""
     plan, config = self.plan, self.config
     model = plan.model(stage)
     train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
@@ -220,7 +264,8 @@ class Trainer:
     first = stage * plan.steps_per_stage
     start = int(state.step) - first
     batches = input_pipeline.train_batches(self.train_source, config.data,
-                                           config.training.batch_size, config.seed + stage)
+                                           config.training.batch_size, config.seed + stage,
+                                           self.shard)
     data = input_pipeline.iterate(batches, start, config.workers)
     eval_every = config.eval_every_steps or plan.steps_per_epoch
     label = f'stage {stage + 1}/{plan.num_stages} ' if plan.stagewise else ''
@@ -248,11 +293,21 @@ class Trainer:
                                              eta))
         writer.write(step, {**metrics, 'images_per_s': ips, 'stage': stage})
         tick, tick_step = now, done
-      if done % eval_every == 0 or done == plan.steps_per_stage:
+      saved = done % eval_every == 0 or done == plan.steps_per_stage
+      if saved:
         self.validate_and_save(stage, state, writer)
-    return state
+      if preemption.requested():
+        if not saved:
+          self.ckpts.save(step, state, {'stage': stage})
+        self.ckpts.wait()
+        logging.warning('Preempted: saved step %d in %s; the same command resumes from it.',
+                        step, self.ckpts.directory)
+        return state, True
+    return state, False
 
   def run(self):
+    """Trains every remaining stage and reports; None if preempted (after saving)."""
+    preemption = Preemption()
     writer = reporting.MetricWriter(self.workdir)
     latest = self.ckpts.latest_step()
     if latest is None:
@@ -267,7 +322,10 @@ class Trainer:
       if int(state.step) == stage * self.plan.steps_per_stage and stage > 0 and \
           int(state.step) in self.stage_ckpts.all_steps():
         state = self.extend(self.restore(int(state.step), self.stage_ckpts)[0], stage)
-      state = self.train_stage(stage, state, writer)
+      state, preempted = self.train_stage(stage, state, writer, preemption)
+      if preempted:
+        writer.close()
+        return None
       if self.plan.stagewise:
         self.stage_ckpts.save(int(state.step), state, {'stage': stage})
         self.stage_ckpts.wait()
@@ -290,9 +348,8 @@ class Trainer:
     rows = reporting.prefix_rows(result['prefix_accuracy'], counts)
     title = (f'{name} (step {int(state.step)}): {d.name} {split}, {result["count"]} examples, '
              f'accuracy of the first k branches')
-    table = reporting.prefix_table(rows, title)
-    print(table, flush=True)
     if jax.process_index() == 0:
+      print(reporting.prefix_table(rows, title), flush=True)
       base = os.path.join(self.workdir, f'{name}_prefix_accuracy')
       with open(base + '.json', 'w') as f:
         json.dump({'step': int(state.step), 'split': split, 'loss': result['loss'],
@@ -302,11 +359,45 @@ class Trainer:
     return {'rows': rows, **result}
 
 
+# Settings that give saved checkpoints their meaning: resuming under other values is refused.
+# (model.dtype, dropout and branch_strategy may change: the parameters stay the same.)
+RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'model.mlp_dim',
+                'model.num_branches', 'model.branch_depth', 'model.block_style', 'model.pool',
+                'data.name', 'data.num_classes', 'data.image_size', 'training.mode',
+                'training.batch_size', 'training.branches_per_stage', 'training.schedule')
+
+
+def check_workdir(config, workdir: str):
+  """Refuse to resume a run in a workdir whose checkpoints came from other settings."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  keys = RUN_DEFINING + (('training.epochs',) if config.training.mode == 'stagewise' or
+                         config.training.schedule != 'constant' else ())
+
+  def get(tree, key):
+    for part in key.split('.'):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+  diffs = [f'{k}: {get(saved, k)!r} in the workdir, {get(current, k)!r} now' for k in keys
+           if get(saved, k) != get(current, k)]
+  if diffs:
+    raise ValueError(f'{workdir} holds a run made with other settings:\n  ' +
+                     '\n  '.join(diffs) + f'\nUse a new --workdir (the checkpoints there are '
+                     f'kept), or the settings in {path}.')
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
+  check_workdir(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
   trainer = Trainer(config, workdir)
   try:
     return trainer.run()
@@ -316,6 +407,7 @@ def train_and_evaluate(config, workdir: str):
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   """Loads a checkpoint (latest by default) and reports every prefix on the test split."""
+  check_workdir(config, workdir)
   trainer = Trainer(config, workdir)
   steps_saved = trainer.ckpts.all_steps()
   if not steps_saved:

@@ -71,3 +71,15 @@ def test_unknown_and_unprepared_datasets_say_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'tfds build cifar10 --data_dir=.* '
                                               r'--file_format=array_record'):
     input_pipeline.get_source('cifar10', 'train', str(tmp_path))
+
+
+def test_process_slices_concatenate_to_the_single_process_batch(tmp_path):
+  config = digits.get_config()
+  config.data.crop_padding = 2  # random augmentation must agree too
+  source = input_pipeline.get_source('sklearn_digits', 'train', str(tmp_path))
+  whole = input_pipeline.train_batches(source, config.data, batch_size=64, seed=0)
+  parts = [input_pipeline.train_batches(source, config.data, 64, 0, shard=(i, 4))
+           for i in range(4)]
+  for b in (0, 19, 40):  # within the first pass and after reshuffles
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([p[b][key] for p in parts]), whole[b][key])

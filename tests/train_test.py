@@ -1,6 +1,7 @@
 """The trainer: end to end through main, resume, stagewise freezing, lpa, exact evaluation."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -70,31 +71,98 @@ def test_main_trains_then_evaluates_like_a_user(data_dir, tmp_path):
   assert bad.returncode != 0 and 'No checkpoint in' in bad.stderr
 
 
-@pytest.mark.slow
-def test_resume_after_interruption_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope='module')
+def straight_run(data_dir, tmp_path_factory):
+  """A tiny run of 13 steps, validated and saved every 5, keeping the last 1 plus the best."""
   config = tiny_config(data_dir, epochs=1)
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  want = restore_latest(config, str(tmp_path / 'straight'))
+  config.keep_checkpoints = 1
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
 
+
+def _interrupting(after, error=KeyboardInterrupt, poison=False):
+  """An input_pipeline.iterate that stops (or yields NaN images) after `after` batches."""
   real_iterate = input_pipeline.iterate
 
-  def interrupted(batches, start, workers=0):  # the 8th batch never arrives
+  def iterate(batches, start, workers=0):
     it = real_iterate(batches, start, workers)
-    for _ in range(7):
+    for _ in range(after):
       yield next(it)
-    raise KeyboardInterrupt
+    if not poison:
+      raise error
+    batch = next(it)
+    yield {**batch, 'image': np.full_like(batch['image'], np.nan)}
+  return iterate
 
-  monkeypatch.setattr(input_pipeline, 'iterate', interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(input_pipeline, 'iterate', real_iterate)
-  trainer = train.Trainer(config, str(tmp_path / 'resumed'))
-  assert trainer.ckpts.latest_step() == 5  # the last checkpoint before the interruption
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  got = restore_latest(config, str(tmp_path / 'resumed'))
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run(straight_run, tmp_path, monkeypatch):
+  config, straight = straight_run
+  want = restore_latest(config, straight)
+  workdir = str(tmp_path / 'resumed')
+  with monkeypatch.context() as m:
+    m.setattr(input_pipeline, 'iterate', _interrupting(7))  # the 8th batch never arrives
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, workdir)
+  assert train.Trainer(config, workdir).ckpts.latest_step() == 5  # the last save before it
+  train.train_and_evaluate(config, workdir)
+  got = restore_latest(config, workdir)
   assert int(got.step) == int(want.step) == 13
   assert trees_equal(got.params, want.params)
   assert trees_equal(got.opt_state, want.opt_state)
+
+
+@pytest.mark.slow
+def test_keeps_the_last_checkpoint_plus_the_best(straight_run):
+  config, workdir = straight_run
+  logged = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  val = {m['step']: m['val_accuracy'] for m in logged if 'val_accuracy' in m}
+  assert sorted(val) == [5, 10, 13]
+  best = max(val.values())
+  kept = train.Trainer(config, workdir).ckpts.all_steps()
+  assert 13 in kept and len(kept) <= 2
+  assert max(val[s] for s in kept) == best
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path,
+                                                                  monkeypatch):
+  config = tiny_config(data_dir, epochs=1)
+  workdir = str(tmp_path / 'nan')
+  monkeypatch.setattr(input_pipeline, 'iterate', _interrupting(6, poison=True))
+  with pytest.raises(FloatingPointError, match=r'step 7.*last good checkpoint is step 5'):
+    train.train_and_evaluate(config, workdir)
+  trainer = train.Trainer(config, workdir)
+  assert trainer.ckpts.all_steps() == [5]
+  state, _ = trainer.restore(5)
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+
+
+def test_a_workdir_of_another_run_is_refused_and_kept(straight_run):
+  config, workdir = straight_run
+  other = tiny_config(config.data.data_dir, epochs=1)
+  other.model.num_branches = 8
+  before = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(ValueError, match=r'model.num_branches: 4 in the workdir, 8 now'):
+    train.train_and_evaluate(other, workdir)
+  with pytest.raises(ValueError, match=r'model.num_branches: 4 in the workdir, 8 now'):
+    train.evaluate_checkpoint(other, workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == before
+  # Settings that leave the parameters alone are accepted.
+  same = tiny_config(config.data.data_dir, epochs=1)
+  same.model.branch_strategy = 'vmap'
+  train.check_workdir(same, workdir)
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_says_which_parameters(straight_run):
+  config, workdir = straight_run
+  other = tiny_config(config.data.data_dir, epochs=1)
+  other.model.num_branches = 8
+  trainer = train.Trainer(other, workdir)
+  with pytest.raises(ValueError, match=r"(?s)the checkpoint has \[4\] trained branches, the config "
+                                       r"model.num_branches=8.*\['branches'\]"):
+    trainer.restore(trainer.ckpts.latest_step())
 
 
 @pytest.mark.slow
@@ -234,3 +302,36 @@ def test_exact_evaluation_counts_every_example_once(data_dir):
                                             method=ParaFormer.prefix_logits))(params, x)
   want = (np.argmax(logits, -1) == y).mean(-1)
   np.testing.assert_allclose(result['prefix_accuracy'], want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  cmd = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         '--config.training.epochs=4', '--config.log_every_steps=2']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # wait until training is under way
+    lines.append(line)
+    if 'step 4/52' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.stdout.readlines()
+  assert proc.wait(timeout=300) == 0, ''.join(lines[-30:])
+  saved = [l for l in lines if 'Preempted: saved step' in l]
+  assert len(saved) == 1, ''.join(lines[-30:])
+  step = int(saved[0].split('saved step ')[1].split()[0])
+  assert 4 <= step < 52
+  config = tiny_config(data_dir, epochs=4)
+  assert train.Trainer(config, workdir).ckpts.latest_step() == step
+  assert not os.path.exists(os.path.join(workdir, 'final_prefix_accuracy.json'))
+
+  # A checkpoint left half-written by a kill -9 (Orbax's temporary directory) is ignored.
+  os.makedirs(os.path.join(workdir, 'checkpoints', f'{step + 3}.orbax-checkpoint-tmp-1'))
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'Resuming from step {step} (stage 0)' in out.stderr
+  assert json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))['step'] == 52
