@@ -104,6 +104,33 @@ def state_shardings(abstract_state, mesh):
                                         abstract_state.opt_state['shared'])})
 
 
+def init_params(model, rng, image_shape):
+  return model.init(rng, jnp.zeros((1, *image_shape)))['params']
+
+
+def state_fn(plan, tx, stage, params_fn, step):
+  """A function making the TrainState of `stage` with params from params_fn()."""
+  frozen_keys = plan.frozen_keys(stage)
+
+  def make():
+    params = params_fn()
+    trained, _ = steps.split_params(params, frozen_keys)
+    return steps.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                            opt_state=optim.init(tx, trained),
+                            rng=jax.random.PRNGKey(plan.config.seed + 1))
+  return make
+
+
+def abstract_state(plan, tx, mesh, stage, image_shape):
+  """Shapes, dtypes and shardings of a stage's state: the target of restores and AOT compiles."""
+  model = plan.model(stage)
+  make = state_fn(plan, tx, stage, lambda: init_params(model, jax.random.PRNGKey(0),
+                                                       image_shape), 0)
+  shapes = jax.eval_shape(make)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, state_shardings(shapes, mesh))
+
+
 class Preemption:
   """SIGTERM (preemption, scancel, kill) asks the loop to save after the current step.
 
@@ -160,32 +187,15 @@ class Trainer:
     return (s, s, self.channels)
 
   def _init_params(self, model, rng):
-    return model.init(rng, jnp.zeros((1, *self._image_shape())))['params']
-
-  def _state_fn(self, stage, params_fn, step):
-    """A function making the TrainState of `stage` with params from params_fn()."""
-    frozen_keys = self.plan.frozen_keys(stage)
-
-    def make():
-      params = params_fn()
-      trained, _ = steps.split_params(params, frozen_keys)
-      return steps.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                              opt_state=optim.init(self.tx, trained),
-                              rng=jax.random.PRNGKey(self.config.seed + 1))
-    return make
+    return init_params(model, rng, self._image_shape())
 
   def _make_state(self, stage, params_fn, step):
     """The state, created already sharded (eval_shape for the layout, then a jitted init)."""
-    make = self._state_fn(stage, params_fn, step)
+    make = state_fn(self.plan, self.tx, stage, params_fn, step)
     return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), self.mesh))()
 
   def abstract_state(self, stage):
-    """Shapes, dtypes and shardings of a stage's state: the target that restores use."""
-    model = self.plan.model(stage)
-    make = self._state_fn(stage, lambda: self._init_params(model, jax.random.PRNGKey(0)), 0)
-    shapes = jax.eval_shape(make)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, state_shardings(shapes, self.mesh))
+    return abstract_state(self.plan, self.tx, self.mesh, stage, self._image_shape())
 
   def initial_state(self):
     model = self.plan.model(0)
