@@ -9,6 +9,7 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameters, dropout and data order all derive from it
+  config.init_from = ''  # workdir of a trained run to start from (fine-tuning); '': none
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'cifar10'  # a TFDS dataset name

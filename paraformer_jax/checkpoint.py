@@ -21,11 +21,14 @@ class Checkpoints:
 
   def __init__(self, directory: str, keep: int | None = 3, keep_best: bool = True):
     policies = [pp.LatestN(keep)]
+    best = {}
     if keep_best:
       policies.append(pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                keep_checkpoints_without_metrics=False))
+      # best_fn makes Orbax write the metrics to disk, so the best survives restarts.
+      best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode='max')
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies), create=True)
+        preservation_policy=pp.AnyPreservationPolicy(policies), create=True, **best)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -69,6 +72,11 @@ class Checkpoints:
     """The state at `step`, laid out as `abstract_state` says (shapes, dtypes, shardings)."""
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))['state']
+
+  def restore_params(self, step: int) -> dict:
+    """The saved parameters as they were written, with no target (for another run's use)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']['params']
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -21,7 +21,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from paraformer_jax import checkpoint, input_pipeline, optim, reporting, sharding, steps
+from paraformer_jax import (checkpoint, finetune, input_pipeline, optim, reporting, sharding,
+                            steps)
 from paraformer_jax.model import ParaFormer, first_branches, merge_frozen, param_count
 
 
@@ -86,6 +87,9 @@ def check_config(config, mesh):
       raise ValueError(f'config.training.branches_per_stage={per} must divide '
                        f'model.num_branches={total}.')
     sharding.check_divisible(model.clone(num_branches=per), mesh)
+    if config.init_from:
+      raise ValueError('config.init_from with stagewise training is not supported yet; '
+                       'fine-tune with joint, lpa or lpa_fused.')
   # The image / patch check of the model, without compiling anything.
   jax.eval_shape(model.init, jax.random.PRNGKey(0),
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
@@ -199,8 +203,15 @@ class Trainer:
 
   def initial_state(self):
     model = self.plan.model(0)
-    return self._make_state(0, lambda: self._init_params(
+    state = self._make_state(0, lambda: self._init_params(
         model, jax.random.PRNGKey(self.config.seed)), step=0)
+    if not self.config.init_from:
+      return state
+    pretrained, step = finetune.load_pretrained(self.config.init_from)
+    params = finetune.transfer(pretrained, jax.device_get(state.params))
+    logging.info('Parameters from %s (step %d)', self.config.init_from, step)
+    return state.replace(params=jax.device_put(params, sharding.param_shardings(params,
+                                                                                self.mesh)))
 
   def extend(self, state, stage):
     """Stage `stage` from the end of stage-1: old branches frozen, fresh branches appended."""

@@ -120,9 +120,11 @@ def test_keeps_the_last_checkpoint_plus_the_best(straight_run):
   val = {m['step']: m['val_accuracy'] for m in logged if 'val_accuracy' in m}
   assert sorted(val) == [5, 10, 13]
   best = max(val.values())
-  kept = train.Trainer(config, workdir).ckpts.all_steps()
+  ckpts = train.Trainer(config, workdir).ckpts  # a new manager: what is on disk
+  kept = ckpts.all_steps()
   assert 13 in kept and len(kept) <= 2
   assert max(val[s] for s in kept) == best
+  assert val[ckpts.best_step()] == best  # the metrics were written with the checkpoints
 
 
 @pytest.mark.slow
@@ -335,3 +337,28 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, t
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'Resuming from step {step} (stage 0)' in out.stderr
   assert json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))['step'] == 52
+
+
+@pytest.mark.slow
+def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight_run, tmp_path):
+  config, source_workdir = straight_run
+  source = train.Trainer(config, source_workdir)
+  best = source.ckpts.best_step()
+  want = source.restore(best)[0].params
+  tuned = tiny_config(config.data.data_dir, epochs=1)
+  tuned.init_from = source_workdir
+  tuned.data.num_classes = 12  # a new dataset with more classes (labels 0..9 still valid)
+  state = train.Trainer(tuned, str(tmp_path / 'tuned')).initial_state()
+  got = jax.device_get(state.params)
+  assert trees_equal(got['embed'], want['embed'])
+  assert trees_equal(got['branches'], want['branches'])
+  assert trees_equal(got['head']['norm'], want['head']['norm'])
+  assert got['head']['out']['kernel'].shape == (32, 12)
+  # Same class count: the head comes along too, and training starts from it.
+  tuned.data.num_classes = 10
+  state = train.Trainer(tuned, str(tmp_path / 'tuned10')).initial_state()
+  assert trees_equal(jax.device_get(state.params), jax.device_get(want))
+  assert int(state.step) == 0
+  tuned.model.num_branches = 8
+  with pytest.raises(ValueError, match=r"init_from does not fit.*\n.*\['branches'\]"):
+    train.Trainer(tuned, str(tmp_path / 'tuned8')).initial_state()

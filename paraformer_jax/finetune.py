@@ -1,0 +1,52 @@
+"""Starting a run from another run's parameters (`config.init_from`): pre-train, then fine-tune.
+
+The embedding and the branches are taken as they are; the head too when the class count is
+the same, otherwise its Dense layer is freshly initialized (its LayerNorm is kept). The
+optimizer starts afresh.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from paraformer_jax import checkpoint
+
+
+def load_pretrained(workdir: str):
+  """(params, step) of a run's best checkpoint (by validation accuracy), else its latest."""
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=None)
+  step = ckpts.best_step() or ckpts.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.init_from={workdir!r} holds no checkpoint in '
+                            f'{ckpts.directory}; point it at the workdir of a trained run.')
+  params = ckpts.restore_params(step)
+  if 'frozen_branches' in params:  # a stagewise run: one stack, frozen branches first
+    params = dict(params)
+    frozen = params.pop('frozen_branches')
+    params['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]), frozen,
+                                      params['branches'])
+  return params, step
+
+
+def transfer(pretrained, fresh):
+  """`fresh` params with everything `pretrained` has of the same shape; the rest explained."""
+  paths = lambda tree: {jax.tree_util.keystr(p): a
+                        for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+  old, new = paths(pretrained), paths(fresh)
+  body = [k for k in new if not k.startswith("['head']['out']")]
+  mismatched = [f'{k}: pretrained {np.shape(old.get(k))}, config {np.shape(new[k])}'
+                for k in body if k not in old or np.shape(old[k]) != np.shape(new[k])]
+  if mismatched:
+    raise ValueError('config.init_from does not fit this model (embedding and branches must '
+                     'match; only the head may change):\n  ' + '\n  '.join(mismatched[:5]))
+  head_fits = all(np.shape(old.get(k)) == np.shape(new[k]) for k in new if k not in body)
+  if not head_fits:
+    logging.info('init_from: class count differs; the head Dense layer starts afresh.')
+  keep = lambda k: k in body or head_fits
+  flat = [(p, old[jax.tree_util.keystr(p)] if keep(jax.tree_util.keystr(p)) else a)
+          for p, a in jax.tree_util.tree_leaves_with_path(fresh)]
+  return jax.tree_util.tree_unflatten(jax.tree.structure(fresh), [a for _, a in flat])
