@@ -362,3 +362,41 @@ def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight
   tuned.model.num_branches = 8
   with pytest.raises(ValueError, match=r"init_from does not fit.*\n.*\['branches'\]"):
     train.Trainer(tuned, str(tmp_path / 'tuned8')).initial_state()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('select', ['prefix', 'greedy'])
+def test_compressed_checkpoint_gives_the_logits_of_the_kept_branches(straight_run, tmp_path,
+                                                                      images, select):
+  from paraformer_jax import compress
+  from paraformer_jax.model import first_branches
+  config, workdir = straight_run
+  out = str(tmp_path / 'k2')
+  report = compress.compress(config, workdir, out, k=2, select=select)
+  assert report['k'] == 2 and sorted(report['order']) == [0, 1, 2, 3]
+  if select == 'prefix':
+    assert report['kept'] == [0, 1]
+  rows = report['rows']
+  assert [r['branches'] for r in rows] == [1, 2, 3, 4]
+  assert rows[-1]['compression'] == 1.0
+  assert rows[1]['compression'] == pytest.approx(rows[-1]['params'] / rows[1]['params'])
+  # Within tolerance: the first k whose validation accuracy is that close to the full model's.
+  full = rows[-1]['val_accuracy']
+  assert report['smallest_k_within_tolerance'] == min(
+      r['branches'] for r in rows if r['val_accuracy'] >= full - 0.01)
+
+  source = train.Trainer(config, workdir)
+  full_state, _ = source.restore(report['step'])
+  model = source.plan.model(0)
+  params = compress.reorder(jax.device_get(full_state.params), report['kept'] + [
+      b for b in range(4) if b not in report['kept']])
+  sub_model, sub_params = first_branches(model, params, 2)
+  small = tiny_config(config.data.data_dir, epochs=1)
+  small.model.num_branches = 2
+  restored, _ = train.Trainer(small, out).restore(report['step'])
+  x = images[:, :, :, :1]
+  want = jax.jit(sub_model.apply)({'params': sub_params}, x)
+  got = jax.jit(sub_model.apply)({'params': jax.device_get(restored.params)}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(FileExistsError, match='exists'):
+    compress.compress(config, workdir, out, k=2)

@@ -1,0 +1,149 @@
+"""Model compression: keep k of a trained ParaFormer's branches, in a workdir of its own.
+
+  python -m paraformer_jax.compress --config=configs/digits.py --workdir=workdir/digits \
+      --out=workdir/digits_k4 [--k=4 | --tolerance=0.01] [--select=greedy] \
+      [--baseline=workdir/digits_vit]
+
+Reports, for every k, parameters, validation and test accuracy and the compression ratio
+against the full model; prints the smallest k whose validation accuracy is within
+`--tolerance` of the full model's (the k written unless --k is given). `--select=prefix`
+keeps branches 1..k; `--select=greedy` orders the branches by greedy forward selection on
+validation accuracy (add, each time, the branch that helps most) and keeps the first k.
+With `--baseline` (the workdir of a trained sequential ViT, num_branches=1), it also reports
+the smallest k that is at least as accurate on the test split, and how many times fewer
+parameters it has. The output workdir evaluates like any run:
+  python -m paraformer_jax.main --config=workdir/digits_k4/config.py --workdir=... --mode=eval
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from paraformer_jax import input_pipeline, sharding, train
+from paraformer_jax.model import merge_frozen, param_count
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config of the trained run.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
+flags.DEFINE_string('out', None, 'Workdir to write the compressed model to (must not exist).')
+flags.DEFINE_integer('k', None, 'Branches to keep (default: the smallest within --tolerance).')
+flags.DEFINE_float('tolerance', 0.01, 'Accuracy loss allowed against the full model (0.01 = 1 '
+                   'point).')
+flags.DEFINE_enum('select', 'prefix', ['prefix', 'greedy'], 'Which branches to keep.')
+flags.DEFINE_string('baseline', None, 'Workdir of a trained sequential baseline to compare.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: best by validation, else latest).')
+flags.mark_flags_as_required(['config', 'workdir', 'out'])
+
+
+def reorder(params, order):
+  """params with the branch stack taken in `order` (a list of branch indices)."""
+  idx = jnp.asarray(order)
+  return {**params, 'branches': jax.tree.map(lambda a: a[idx], params['branches'])}
+
+
+def greedy_order(trainer, model, params, source):
+  """Branches ordered by greedy forward selection on accuracy over `source`."""
+  order, remaining = [], list(range(model.num_branches))
+  while remaining:
+    def accuracy(j):
+      candidate = order + [j] + [r for r in remaining if r != j]
+      result = trainer.evaluate(model, reorder(params, candidate), source)
+      return result['prefix_accuracy'][len(order)]
+    best = max(remaining, key=accuracy)
+    order.append(best)
+    remaining.remove(best)
+    logging.info('greedy selection: branch %d is number %d', best, len(order))
+  return order
+
+
+def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', baseline=None,
+             step=None):
+  """Writes the first-k (after `select`) model to `out`; returns the report as a dict."""
+  if os.path.exists(out):
+    raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
+  trainer = train.Trainer(config, workdir)
+  step = step or trainer.ckpts.best_step() or trainer.ckpts.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory} to compress.')
+  state, stage = trainer.restore(step)
+  model, params = merge_frozen(trainer.plan.model(stage), jax.device_get(state.params))
+  d = config.data
+  test = input_pipeline.get_source(d.name, d.test_split, d.data_dir)
+  order = (list(range(model.num_branches)) if select == 'prefix' else
+           greedy_order(trainer, model, params, trainer.val_source))
+  ordered = reorder(params, order)
+  val = trainer.evaluate(model, ordered, trainer.val_source)['prefix_accuracy']
+  tst = trainer.evaluate(model, ordered, test)['prefix_accuracy']
+  counts = [param_count(reorder(params, order[:n])) for n in range(1, model.num_branches + 1)]
+  rows = [{'branches': n + 1, 'params': counts[n], 'val_accuracy': val[n],
+           'test_accuracy': tst[n], 'compression': counts[-1] / counts[n]}
+          for n in range(model.num_branches)]
+  within = next(r['branches'] for r in rows if r['val_accuracy'] >= val[-1] - tolerance)
+  k = k or within
+  report = {'source': os.path.abspath(workdir), 'step': step, 'select': select,
+            'order': order, 'kept': order[:k], 'k': k, 'smallest_k_within_tolerance': within,
+            'tolerance': tolerance, 'rows': rows}
+  if baseline:
+    with open(os.path.join(baseline, 'final_prefix_accuracy.json')) as f:
+      base = json.load(f)['prefixes'][-1]
+    match = next((r for r in rows if r['test_accuracy'] >= base['accuracy']), None)
+    report['baseline'] = {'params': base['params'], 'test_accuracy': base['accuracy'],
+                          'matching_k': match and match['branches'],
+                          'compression': match and base['params'] / match['params']}
+  _write(config, trainer, out, params, order[:k], step, report)
+  return report
+
+
+def _write(config, trainer, out, params, kept, step, report):
+  """A workdir holding the k-branch model: config.json, config.py, a checkpoint, the report."""
+  small = ml_collections.ConfigDict(config.to_dict())
+  small.model.num_branches = len(kept)
+  if small.training.mode == 'stagewise':
+    small.training.mode = 'joint'  # the compressed model is one stack, no stages
+  small.training.branches_per_stage = 1
+  small.init_from = ''
+  os.makedirs(out)
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    f.write(small.to_json_best_effort(indent=1))
+  with open(os.path.join(out, 'config.py'), 'w') as f:  # for --config=OUT/config.py
+    f.write('"""The compressed model\'s config (written by paraformer_jax.compress)."""\n'
+            'import json, os\nimport ml_collections\n\n\ndef get_config():\n'
+            '  path = os.path.join(os.path.dirname(__file__), "config.json")\n'
+            '  return ml_collections.ConfigDict(json.load(open(path)))\n')
+  with open(os.path.join(out, 'compression.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  writer = train.Trainer(small, out)
+  state = writer.initial_state()
+  kept_params = reorder(params, kept)
+  state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
+      kept_params, sharding.param_shardings(kept_params, writer.mesh)))
+  writer.ckpts.save(step, state, {'stage': 0})
+  writer.ckpts.wait()
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  r = compress(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.k, FLAGS.tolerance, FLAGS.select,
+               FLAGS.baseline, FLAGS.step)
+  print(f'{"branches":>8} {"params":>12} {"val acc":>8} {"test acc":>8} {"ratio":>6}')
+  for row in r['rows']:
+    print(f'{row["branches"]:>8} {row["params"]:>12,} {100 * row["val_accuracy"]:>7.2f}% '
+          f'{100 * row["test_accuracy"]:>7.2f}% {row["compression"]:>5.2f}x')
+  print(f'smallest k within {100 * r["tolerance"]:.1f} points of the full model (validation): '
+        f'{r["smallest_k_within_tolerance"]}; kept {r["k"]} branches {r["kept"]} -> {FLAGS.out}')
+  if 'baseline' in r:
+    b = r['baseline']
+    print(f'sequential baseline: {b["params"]:,} params, {100 * b["test_accuracy"]:.2f}% test; '
+          + (f'k={b["matching_k"]} matches it with {b["compression"]:.2f}x fewer parameters'
+             if b['matching_k'] else 'no k reaches its accuracy'))
+
+
+if __name__ == '__main__':
+  app.run(main)
