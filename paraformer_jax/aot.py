@@ -16,11 +16,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
-flags.DEFINE_integer('devices', 0, 'Compile for this many fake CPU devices (0: real devices).')
-flags.DEFINE_integer('channels', 3, 'Image channels.')
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """Only when run as a program: importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_integer('devices', 0, 'Compile for this many fake CPU devices (0: real devices).')
+  flags.DEFINE_integer('channels', 3, 'Image channels.')
+  flags.mark_flags_as_required(['config'])
 
 
 def compile_train_step(config, channels: int = 3):
@@ -70,6 +74,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   # Fake devices must be requested before JAX starts, hence this look at argv before absl.
   for arg in sys.argv[1:]:
     if arg.startswith('--devices=') and int(arg.split('=', 1)[1]) > 0:

@@ -29,16 +29,20 @@ from paraformer_jax import input_pipeline, sharding, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config of the trained run.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
-flags.DEFINE_string('out', None, 'Workdir to write the compressed model to (must not exist).')
-flags.DEFINE_integer('k', None, 'Branches to keep (default: the smallest within --tolerance).')
-flags.DEFINE_float('tolerance', 0.01, 'Accuracy loss allowed against the full model (0.01 = 1 '
-                   'point).')
-flags.DEFINE_enum('select', 'prefix', ['prefix', 'greedy'], 'Which branches to keep.')
-flags.DEFINE_string('baseline', None, 'Workdir of a trained sequential baseline to compare.')
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: best by validation, else latest).')
-flags.mark_flags_as_required(['config', 'workdir', 'out'])
+
+
+def define_flags():
+  """Only when run as a program: importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config of the trained run.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
+  flags.DEFINE_string('out', None, 'Workdir to write the compressed model to (must not exist).')
+  flags.DEFINE_integer('k', None, 'Branches to keep (default: the smallest within --tolerance).')
+  flags.DEFINE_float('tolerance', 0.01, 'Accuracy loss allowed against the full model (0.01 = 1 '
+                     'point).')
+  flags.DEFINE_enum('select', 'prefix', ['prefix', 'greedy'], 'Which branches to keep.')
+  flags.DEFINE_string('baseline', None, 'Workdir of a trained sequential baseline to compare.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: best by validation, else latest).')
+  flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
 def reorder(params, order):
@@ -146,4 +150,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -26,13 +26,13 @@ from paraformer_jax import (checkpoint, finetune, input_pipeline, optim, reporti
 from paraformer_jax.model import ParaFormer, first_branches, merge_frozen, param_count
 
 
-def build_model(config, **overrides) -> ParaFormer:
+def build_model(config) -> ParaFormer:
   m = config.model
   return ParaFormer(num_classes=config.data.num_classes, patch_size=m.patch_size,
                     width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                     num_branches=m.num_branches, branch_depth=m.branch_depth,
                     dropout=m.dropout, block_style=m.block_style, pool=m.pool,
-                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy, **overrides)
+                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +68,6 @@ class StagePlan:
     t = self.config.training
     return (('frozen_branches',) + (() if t.train_embed_in_later_stages else ('embed',)) +
             (() if t.train_head_in_later_stages else ('head',)))
-
-  def stage_of(self, step: int) -> int:
-    return min(step // self.steps_per_stage, self.num_stages - 1)
 
 
 def check_config(config, mesh):
@@ -183,6 +180,7 @@ class Trainer:
                                         keep=config.keep_checkpoints)
     self.stage_ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'stages'), keep=None,
                                               keep_best=False)
+    self._eval_steps = {}  # compiled once per branch layout, not once per validation
 
   # ---- state creation, restore, extension -------------------------------------------------
 
@@ -255,7 +253,10 @@ class Trainer:
 
   def evaluate(self, model, params, source):
     """Accuracy of every prefix k = 1..L and the full model's loss, each example once."""
-    eval_step = steps.make_eval_step(model, self.mesh)
+    layout = (model.num_branches, model.num_frozen_branches)  # all else comes from the config
+    if layout not in self._eval_steps:
+      self._eval_steps[layout] = steps.make_eval_step(model, self.mesh)
+    eval_step = self._eval_steps[layout]
     total = None
     for batch in input_pipeline.eval_batches(source, self.config.data,
                                              self.config.eval_batch_size, self.shard):
@@ -332,26 +333,23 @@ class Trainer:
     writer = reporting.MetricWriter(self.workdir)
     latest = self.ckpts.latest_step()
     if latest is None:
-      state, stage = self.initial_state(), 0
+      state, layout = self.initial_state(), 0
     else:
-      state, stage = self.restore(latest)
-      logging.info('Resuming from step %d (stage %d) in %s', latest, stage,
+      state, layout = self.restore(latest)  # layout: the stage whose parameters state holds
+      logging.info('Resuming from step %d (stage %d) in %s', latest, layout,
                    self.ckpts.directory)
-    for stage in range(stage, self.plan.num_stages):
+    for stage in range(layout, self.plan.num_stages):
       if int(state.step) >= (stage + 1) * self.plan.steps_per_stage:
         continue  # this stage had already finished
-      if int(state.step) == stage * self.plan.steps_per_stage and stage > 0 and \
-          int(state.step) in self.stage_ckpts.all_steps():
-        state = self.extend(self.restore(int(state.step), self.stage_ckpts)[0], stage)
+      if layout < stage:
+        state, layout = self.extend(state, stage), stage
       state, preempted = self.train_stage(stage, state, writer, preemption)
       if preempted:
         writer.close()
         return None
-      if self.plan.stagewise:
+      if self.plan.stagewise:  # kept for users: the model as each stage left it
         self.stage_ckpts.save(int(state.step), state, {'stage': stage})
         self.stage_ckpts.wait()
-        if stage + 1 < self.plan.num_stages:
-          state = self.extend(state, stage + 1)
     self.ckpts.wait()
     results = self.report(self.plan.num_stages - 1, state, 'final')
     writer.close()

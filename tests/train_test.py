@@ -171,6 +171,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_says_which_parameters(straigh
 def test_stagewise_freezes_and_extends(data_dir, tmp_path):
   config = tiny_config(data_dir, mode='stagewise', branches_per_stage=2, epochs=1)
   config.mesh.branch = 2  # each stage's 2 branches split over 2 devices
+  config.keep_checkpoints = 10
   workdir = str(tmp_path / 'stagewise')
   train.train_and_evaluate(config, workdir)
   trainer = train.Trainer(config, workdir)
@@ -193,6 +194,18 @@ def test_stagewise_freezes_and_extends(data_dir, tmp_path):
   assert int(extended.step) == 13
   assert extended.params['branches']['branch']['block0']['mlp']['fc1']['kernel'].sharding.spec[
       0] == 'branch'
+
+  # Killed at the stage boundary, before the stage checkpoint was written: the restart
+  # extends the state of step 13 itself and ends exactly where the first run ended.
+  import shutil
+  for step in trainer.ckpts.all_steps():
+    if step > 13:
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  shutil.rmtree(os.path.join(workdir, 'stages'))
+  train.train_and_evaluate(config, workdir)
+  again, layout = train.Trainer(config, workdir).restore(26)
+  assert layout == 1
+  assert trees_equal(again.params, stage1.params)
 
 
 def _fresh_state(params, tx):
