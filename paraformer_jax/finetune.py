@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from paraformer_jax import checkpoint
+from paraformer_jax.model import merge_frozen_params
 
 
 def load_pretrained(workdir: str):
@@ -23,13 +23,8 @@ def load_pretrained(workdir: str):
   if step is None:
     raise FileNotFoundError(f'config.init_from={workdir!r} holds no checkpoint in '
                             f'{ckpts.directory}; point it at the workdir of a trained run.')
-  params = ckpts.restore_params(step)
-  if 'frozen_branches' in params:  # a stagewise run: one stack, frozen branches first
-    params = dict(params)
-    frozen = params.pop('frozen_branches')
-    params['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]), frozen,
-                                      params['branches'])
-  return params, step
+  # A stagewise run saves its frozen branches apart: one stack, frozen branches first.
+  return merge_frozen_params(ckpts.restore_params(step)), step
 
 
 def transfer(pretrained, fresh):

@@ -274,13 +274,21 @@ def sequential_baseline(depth: int, **kwargs) -> ParaFormer:
   return ParaFormer(num_branches=1, branch_depth=depth, **kwargs)
 
 
+def merge_frozen_params(params):
+  """params with 'frozen_branches' (if any) joined to 'branches' in one stack, frozen first."""
+  if 'frozen_branches' not in params:
+    return params
+  merged = {k: v for k, v in params.items() if k != 'frozen_branches'}
+  merged['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]),
+                                    params['frozen_branches'], params['branches'])
+  return merged
+
+
 def merge_frozen(model: ParaFormer, params):
   """(model, params) with frozen and trained branches as one stack, frozen ones first."""
   if not model.num_frozen_branches:
     return model, params
-  merged = {k: v for k, v in params.items() if k != 'frozen_branches'}
-  merged['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]),
-                                    params['frozen_branches'], params['branches'])
+  merged = merge_frozen_params(params)
   total = model.num_frozen_branches + model.num_branches
   return model.clone(num_branches=total, num_frozen_branches=0), merged
 
