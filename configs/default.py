@@ -37,7 +37,9 @@ def get_config():
   model.block_style = 'reference'  # 'prenorm' (x + f(LN x)) or 'reference' (f(LN x) + LN x)
   model.pool = 'cls'  # 'cls' token or 'mean' over tokens
   model.dtype = 'float32'  # computation dtype ('bfloat16' for mixed precision); params f32
-  model.branch_strategy = 'scan'  # run a device's branches with 'scan' or 'vmap'
+  # How a device runs its branches: 'auto' (picks by backend and batch), 'vmap', 'scan',
+  # 'unrolled' or 'fused'; all give the same result (docs/benchmarks.md, issue 6).
+  model.branch_strategy = 'auto'
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel axis size (-1: all devices left after 'branch')

@@ -7,6 +7,7 @@ directory and renames it when complete, so a half-written checkpoint is never li
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -14,6 +15,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 BEST_METRIC = 'val_accuracy'
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, quota, permissions...)."""
 
 
 class Checkpoints:
@@ -36,9 +41,33 @@ class Checkpoints:
                        'meta': ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)),
-                       metrics=metrics, force=True)
+    """Starts writing `step` in the background; a failed write is raised by the next
+    `save` or `wait`, as a CheckpointWriteError."""
+    with self._write_errors_explained():
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)),
+                         metrics=metrics, force=True)
+
+  @contextlib.contextmanager
+  def _write_errors_explained(self):
+    """Turns Orbax's write errors (e.g. tensorstore's 'No space left on device') into one
+    that says what survived and what to do.
+
+    Orbax writes into a temporary directory and renames it only once complete, and deletes
+    old checkpoints only after that, so a failed write leaves every earlier one intact.
+    """
+    try:
+      yield
+    except Exception as e:  # Orbax and tensorstore raise several types for an I/O error
+      self._manager.reload()  # forget the failed step: list what is complete on disk
+      latest = self._manager.latest_step()
+      kept = (f'the last complete checkpoint, step {latest}, is intact' if latest is not None
+              else 'no complete checkpoint exists yet')
+      raise CheckpointWriteError(
+          f'Writing a checkpoint to {self.directory} failed: {str(e).splitlines()[0]}\n'
+          f'Nothing earlier was lost: {kept} (a half-written checkpoint is never restored). '
+          f'Free disk space (or move the workdir), then rerun the same command to resume.'
+      ) from e
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -79,7 +108,8 @@ class Checkpoints:
         state=ocp.args.StandardRestore()))['state']['params']
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._write_errors_explained():
+      self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()

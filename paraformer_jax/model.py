@@ -15,7 +15,7 @@ import jax.numpy as jnp
 HEAD_DIM = 64  # the papers' (and vit-pytorch's) head width
 BLOCK_STYLES = ('prenorm', 'reference')
 POOLS = ('cls', 'mean')
-BRANCH_STRATEGIES = ('vmap', 'scan')
+BRANCH_STRATEGIES = ('auto', 'vmap', 'scan', 'unrolled', 'fused')
 
 
 class Attention(nn.Module):
@@ -25,11 +25,14 @@ class Attention(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    qkv = nn.DenseGeneral((3, self.num_heads, HEAD_DIM), use_bias=False, dtype=self.dtype,
-                          name='qkv')(x)
+  def __call__(self, x, deterministic: bool, num_queries=None, qkv=None):
+    """`num_queries`: only the first tokens ask (keys and values still come from all).
+    `qkv`: projections computed by the caller (the fused branch stack), skipping ours."""
+    if qkv is None:
+      qkv = nn.DenseGeneral((3, self.num_heads, HEAD_DIM), use_bias=False, dtype=self.dtype,
+                            name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
-    y = _attention(q, k, v)
+    y = _attention(q[:, :num_queries], k, v)
     y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
@@ -68,6 +71,12 @@ class Block(nn.Module):
   `prenorm`: y = x + f(LN(x)), the usual pre-norm residual.
   `reference`: y = f(LN(x)) + LN(x), the residual of the authors' published code, kept so
   that results and weights can be compared with it.
+
+  `cls_only` returns only the cls token's output, [batch, 1, D]: every token's keys and values
+  are still read, but one query and one MLP row are computed. Exact for a branch's last block
+  under cls pooling, where the other tokens' outputs are never used.
+  `first` = (LN(x) or None, qkv): the norm1 output and qkv projections, when the fused branch
+  stack has computed them for all branches at once (LN(x) is only needed by `reference`).
   """
   num_heads: int
   mlp_dim: int
@@ -76,9 +85,16 @@ class Block(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
-    y = Attention(self.num_heads, self.dropout, self.dtype, name='attn')(h, deterministic)
+  def __call__(self, x, deterministic: bool, cls_only: bool = False, first=None):
+    h, qkv = (None, None) if first is None else first
+    if h is None and (qkv is None or self.style == 'reference'):
+      h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
+    queries = 1 if cls_only else None
+    # Given qkv, attention reads only the width of its input.
+    y = Attention(self.num_heads, self.dropout, self.dtype, name='attn')(
+        x if h is None else h, deterministic, queries, qkv)
+    if cls_only:
+      x, h = x[:, :1], (None if h is None else h[:, :1])
     x = y + (h if self.style == 'reference' else x)
     h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
     y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic)
@@ -101,10 +117,13 @@ class Branch(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, first=None):
+    """`first`: see `Block`; the fused stack's precomputed start of block 0."""
     for i in range(self.depth):
+      last = i == self.depth - 1
       x = Block(self.num_heads, self.mlp_dim, self.dropout, self.style, self.dtype,
-                name=f'block{i}')(x, deterministic)
+                name=f'block{i}')(x, deterministic, last and self.pool == 'cls',
+                                  first if i == 0 else None)
     return pool_tokens(x, self.pool)
 
 
@@ -112,9 +131,17 @@ class BranchStack(nn.Module):
   """`num_branches` branches with stacked parameters (leading axis = branch).
 
   Every branch reads the same tokens; returns each branch's pooled output, [branches, batch, D].
-  `strategy` says how the local branches run; both give the same parameter tree:
+  `strategy` says how the local branches run; all give the same parameter tree and result:
     'vmap': all at once (every branch's activations alive together);
-    'scan': one after the other, unrolled (a branch's activations die once it is pooled).
+    'scan': one after the other in a `lax.scan` loop: memory holds one branch's activations
+      (in training the backward pass still keeps every branch's residuals);
+    'unrolled': the same loop unrolled into one program, which XLA can schedule freely:
+      the fastest on a CPU from batch ~4 up (measured 1.3x 'vmap' in training), but the
+      branches may overlap in memory;
+    'fused': as 'vmap', but the start of block 0, which every branch applies to the same
+      tokens, runs once for all: one set of LayerNorm statistics and one wide qkv matmul
+      with each branch's LayerNorm scale and bias folded into its weights (exact algebra);
+    'auto': `auto_strategy` picks one from the backend and the work per branch.
   """
   num_branches: int
   depth: int
@@ -131,17 +158,61 @@ class BranchStack(nn.Module):
     branch_args = (self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
                    self.pool, self.dtype)
     stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True})
-    if self.strategy == 'vmap':
-      branches = nn.vmap(Branch, in_axes=(None, None), out_axes=0,
-                         axis_size=self.num_branches, **stacked)
-      return branches(*branch_args, name='branch')(tokens, deterministic)
-    body = lambda branch, carry, t, d: (carry, branch(t, d))
-    # Unrolled: one program with a copy of the branch per slice of the stack. Measured on a
-    # 2-core CPU, 8x2 training goes from 0.8x to 1.0x the sequential 1x16 baseline
-    # (docs/benchmarks.md); a device holds few branches, so compile time stays small.
-    branches = nn.scan(body, in_axes=(nn.broadcast, nn.broadcast), length=self.num_branches,
-                       unroll=True, **stacked)
-    return branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
+    strategy = self.strategy
+    if strategy == 'auto':
+      strategy = auto_strategy(self.num_branches, tokens.shape[0] * tokens.shape[1],
+                               self.mlp_dim * jnp.dtype(self.dtype).itemsize)
+    if strategy in ('scan', 'unrolled'):
+      body = lambda branch, carry, t, d: (carry, branch(t, d))
+      branches = nn.scan(body, in_axes=(nn.broadcast, nn.broadcast),
+                         length=self.num_branches, unroll=strategy == 'unrolled', **stacked)
+      return branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
+    branches = nn.vmap(Branch, in_axes=(None, None, 0), out_axes=0,
+                       axis_size=self.num_branches, **stacked)(*branch_args, name='branch')
+    first = None
+    if strategy == 'fused' and not self.is_initializing():
+      first = self._fused_block0_start(tokens)
+    return branches(tokens, deterministic, first)
+
+  def _fused_block0_start(self, tokens):
+    """(LN(x) per branch or None, qkv per branch) of every branch's block 0, computed once.
+
+    LN_i(x) = n * g_i + b_i with n = (x - mean) / std shared by all branches, so
+    LN_i(x) @ W_i = n @ (g_i W_i) + b_i W_i: one [D, branches * 3 * inner] matmul.
+    """
+    p = self.variables['params']['branch']['block0']
+    g, b = p['norm1']['scale'], p['norm1']['bias']  # [branches, D]
+    w = p['attn']['qkv']['kernel']  # [branches, D, 3, heads, head_dim]
+    n = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name='shared_norm')(
+        tokens)
+    wide = jnp.einsum('ld,ld...->dl...', g, w).astype(self.dtype)
+    qkv = jnp.einsum('btd,dl...->lbt...', n, wide) + jnp.einsum(
+        'ld,ld...->l...', b, w).astype(self.dtype)[:, None, None]
+    h = n * g[:, None, None].astype(self.dtype) + b[:, None, None].astype(self.dtype)
+    return (h if self.style == 'reference' else None), qkv
+
+
+# Above this size of one branch's MLP activations, 'auto' on CPU runs branches strictly one
+# at a time ('scan'): in an unrolled program XLA:CPU's concurrency-minded scheduler overlaps
+# branches, and memory grows towards that of 'vmap' (docs/benchmarks.md, issue 6).
+SCAN_ABOVE_BYTES = 32 * 2**20
+
+
+def auto_strategy(local_branches: int, tokens_per_branch: int, bytes_per_mlp_row: int) -> str:
+  """The branch strategy 'auto' runs, from the backend and the work per branch.
+
+  Chosen from the measurements in docs/benchmarks.md (a 2-core CPU). Other backends have
+  not been measured here: they get 'fused', the batched form accelerators like best.
+  """
+  if local_branches == 1:
+    return 'unrolled'  # one branch: a plain program, no batch axis of size 1
+  if jax.default_backend() != 'cpu':
+    return 'fused'
+  if tokens_per_branch < 256:
+    return 'vmap'  # ~ batch 1-3: one batched op beats a row of tiny ones
+  if tokens_per_branch * bytes_per_mlp_row >= SCAN_ABOVE_BYTES:
+    return 'scan'
+  return 'unrolled'
 
 
 class PatchEmbed(nn.Module):
@@ -207,7 +278,7 @@ class ParaFormer(nn.Module):
   block_style: str = 'prenorm'
   pool: str = 'cls'
   dtype: Any = jnp.float32
-  branch_strategy: str = 'scan'
+  branch_strategy: str = 'auto'
   num_frozen_branches: int = 0
   branch_axis: str | None = None
 

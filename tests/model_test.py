@@ -41,7 +41,11 @@ def test_block_matches_numpy(style):
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 16)))
   params = block.init(jax.random.key(0), x, True)['params']
   got = block.apply({'params': params}, x, True)
-  np.testing.assert_allclose(got, _np_block(x.astype(np.float64), params, style), atol=2e-5)
+  want = _np_block(x.astype(np.float64), params, style)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # A branch's last block under cls pooling computes the cls token's row only.
+  cls_only = block.apply({'params': params}, x, True, cls_only=True)
+  np.testing.assert_allclose(cls_only, want[:, :1], atol=2e-5)
 
 
 def test_vmapped_stack_equals_loop_over_branches(small_model, small_params, images):
@@ -135,22 +139,53 @@ def test_dropout_differs_per_branch_and_is_off_at_eval(images):
                                 model.apply({'params': params}, images))
 
 
-@pytest.mark.parametrize('strategy', ['vmap', 'scan'])
-def test_branch_strategies_agree_forward_and_gradients(small_model, small_params, images,
-                                                       strategy):
-  model = small_model.clone(branch_strategy=strategy)
-  loss = lambda m: jax.jit(jax.value_and_grad(
-      lambda p: m.apply({'params': p}, images, method=ParaFormer.prefix_logits).sum()))
-  got, got_grads = loss(model)(small_params)
-  # Independent of both strategies: a Python loop over first-k models.
-  want = 0.0
-  for k in range(1, model.num_branches + 1):
-    sub, sub_params = model_lib.first_branches(small_model, small_params, k)
-    want += float(jax.jit(sub.apply)({'params': sub_params}, images).sum())
+@pytest.fixture(scope='module')
+def strategy_cases(small_model, small_params, images):
+  """{case: (vmap model, params, want loss, want gradients)} for the strategy tests.
+
+  Two corners: depth 2 prenorm, and depth 1 reference (block 0 is also the last block).
+  The loss sums every prefix's logits; its value comes from a Python loop over first-k
+  models, independent of any strategy, and the gradients from the plain vmap stack.
+  """
+  depth1 = ParaFormer(num_branches=8, branch_depth=1, block_style='reference', **SMALL)
+  cases = {'prenorm_depth2': (small_model, small_params),
+           'reference_depth1': (depth1, depth1.init(jax.random.key(3), images[:1])['params'])}
+  out = {}
+  for case, (model, params) in cases.items():
+    model = model.clone(branch_strategy='vmap')
+    want = 0.0
+    for k in range(1, model.num_branches + 1):
+      sub, sub_params = model_lib.first_branches(model, params, k)
+      want += float(jax.jit(sub.apply)({'params': sub_params}, images).sum())
+    out[case] = (model, params, want, _prefix_loss(model, images)(params)[1])
+  return out
+
+
+def _prefix_loss(model, images):
+  return jax.jit(jax.value_and_grad(
+      lambda p: model.apply({'params': p}, images, method=ParaFormer.prefix_logits).sum()))
+
+
+@pytest.mark.parametrize('strategy', ['scan', 'unrolled', 'fused', 'auto'])
+@pytest.mark.parametrize('case', ['prenorm_depth2', 'reference_depth1'])
+def test_branch_strategies_agree_forward_and_gradients(strategy_cases, images, strategy, case):
+  vmap_model, params, want, want_grads = strategy_cases[case]
+  model = vmap_model.clone(branch_strategy=strategy)
+  got, got_grads = _prefix_loss(model, images)(params)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-  _, ref_grads = loss(small_model.clone(branch_strategy='vmap'))(small_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               got_grads, ref_grads)
-  # Both strategies initialize the same tree of shapes.
-  assert jax.tree.map(jnp.shape, model.init(jax.random.key(0), images[:1])['params']) == \
-      jax.tree.map(jnp.shape, small_params)
+               got_grads, want_grads)
+  # Every strategy initializes the same tree of shapes.
+  init = model.init(jax.random.key(0), images[:1])['params']
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
+
+
+def test_auto_strategy_rule_on_cpu():
+  """The rule docs/benchmarks.md measured: batched when tiny, a loop otherwise, strictly one
+  branch at a time once a branch's activations are large."""
+  mlp_row = 768 * 4
+  assert model_lib.auto_strategy(1, 256 * 65, mlp_row) == 'unrolled'
+  assert model_lib.auto_strategy(8, 1 * 65, mlp_row) == 'vmap'
+  assert model_lib.auto_strategy(8, 64 * 65, mlp_row) == 'unrolled'
+  assert model_lib.auto_strategy(8, 256 * 65, mlp_row) == 'scan'
+  assert model_lib.auto_strategy(2, 256 * 65, 768 * 2) == 'unrolled'  # bf16: half the bytes

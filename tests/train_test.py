@@ -352,6 +352,96 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, t
   assert json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))['step'] == 52
 
 
+# Runs the straight_run configuration in a child process, after `patch` (Python source) has
+# made something go wrong there; argv: data_dir, workdir.
+_CHILD = """
+import sys
+from configs import tiny
+from paraformer_jax import train
+config = tiny.get_config()
+config.data.data_dir, config.eval_every_steps, config.keep_checkpoints = sys.argv[1], 5, 1
+config.training.epochs = 1
+{patch}
+train.train_and_evaluate(config, sys.argv[2])
+"""
+
+_DISK_FULLS_AT_STEP_10 = """
+import resource, signal
+from paraformer_jax import checkpoint
+real_save = checkpoint.Checkpoints.save
+def save(self, step, *args, **kwargs):
+  if step == 10:  # once step 5 is on disk, the disk fills up: no file may grow past 64 KiB
+    self.wait()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail (EFBIG), nothing is killed
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  return real_save(self, step, *args, **kwargs)
+checkpoint.Checkpoints.save = save
+"""
+
+_STALLS_COMMITTING_STEP_10 = """
+import asyncio
+from orbax.checkpoint._src.path import atomicity
+real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+  if self._final_path.name == '10':  # everything is written; the rename is next
+    print('COMMITTING 10', flush=True)
+    await asyncio.sleep(300)
+  return await real_finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+"""
+
+
+def _child(patch, data_dir, workdir, **popen):
+  cmd = [sys.executable, '-c', _CHILD.format(patch=patch), data_dir, workdir]
+  # The environment (8 virtual devices) of this process, whose results it is compared with.
+  return subprocess.Popen(cmd, cwd=REPO, text=True, **popen)
+
+
+def _resumes_to_the_straight_run(straight_run, workdir):
+  """Only step 5 is complete; the same config resumes from it to the straight result."""
+  config, straight = straight_run
+  assert train.Trainer(config, workdir).ckpts.all_steps() == [5]
+  train.train_and_evaluate(config, workdir)
+  got, want = restore_latest(config, workdir), restore_latest(config, straight)
+  assert int(got.step) == int(want.step) == 13
+  assert trees_equal(got.params, want.params)
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_says_so_and_keeps_the_previous_checkpoint(straight_run,
+                                                                          data_dir, tmp_path):
+  workdir = str(tmp_path / 'full')
+  proc = _child(_DISK_FULLS_AT_STEP_10, data_dir, workdir, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert 'CheckpointWriteError' in err and 'File too large' in err, err[-3000:]
+  assert 'the last complete checkpoint, step 5, is intact' in err, err[-3000:]
+  _resumes_to_the_straight_run(straight_run, workdir)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_resumes_from_the_last_complete_one(
+    straight_run, data_dir, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  proc = _child(_STALLS_COMMITTING_STEP_10, data_dir, workdir, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL)
+  try:
+    for line in proc.stdout:
+      if line.startswith('COMMITTING 10'):
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        break
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  # The save was caught in flight: step 10 is on disk, written but never committed.
+  assert any(name.startswith('10.orbax-checkpoint-tmp')
+             for name in os.listdir(os.path.join(workdir, 'checkpoints')))
+  _resumes_to_the_straight_run(straight_run, workdir)
+
+
 @pytest.mark.slow
 def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight_run, tmp_path):
   config, source_workdir = straight_run
