@@ -95,7 +95,7 @@ def main():
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--strategies', default='scan,vmap',
+  parser.add_argument('--strategies', default='auto,vmap',
                       help='comma-separated branch strategies to measure for the 8x2 model')
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
@@ -109,7 +109,7 @@ def main():
   print(f'| model | GFLOP/img fwd | train img/s | train GFLOP/s (% f32 peak) | '
         f'infer b{args.batch} img/s (GFLOP/s) | infer b1 ms (GFLOP/s, % f32 peak) |')
   print('|---|---|---|---|---|---|')
-  runs = [(8, 2, s) for s in args.strategies.split(',')] + [(1, 16, 'scan')]
+  runs = [(8, 2, s) for s in args.strategies.split(',')] + [(1, 16, 'auto')]
   calls, flops = {}, {}
   for branches, depth, strategy in runs:
     model = ParaFormer(num_classes=10, patch_size=args.patch_size, width=192, num_heads=3,

@@ -10,6 +10,10 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameters, dropout and data order all derive from it
   config.init_from = ''  # workdir of a trained run to start from (fine-tuning); '': none
+  # Expansion (continual learning): workdir of a trained run whose embedding, branches and
+  # head rows are kept frozen; model.num_branches fresh branches (and new classes' head rows)
+  # are trained beside them on this config's data. '': none. See paraformer_jax/expand.py.
+  config.expand_from = ''
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'cifar10'  # a TFDS dataset name
@@ -18,6 +22,7 @@ def get_config():
   data.val_split = 'train[90%:]'  # picks the best checkpoint
   data.test_split = 'test'  # reported at the end and by --mode=eval
   data.num_classes = 10  # classes of the label feature
+  data.classes = ''  # keep only these labels, e.g. '0-4' or '1,3,5'; '': all
   data.image_size = 224  # images are resized to image_size x image_size
   data.crop_padding = 4  # train: random crop after zero padding (0: off)
   data.flip = True  # train: random horizontal flip

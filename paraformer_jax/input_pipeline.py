@@ -44,6 +44,51 @@ def get_source(name: str, split: str, data_dir: str | None):
         f'or point config.data.data_dir at a directory where it is prepared.') from e
 
 
+def parse_classes(spec: str) -> tuple[int, ...]:
+  """config.data.classes: '' (all), '0-4', or '1,3,5' -> the labels kept."""
+  classes = []
+  try:
+    for part in filter(None, spec.replace(' ', '').split(',')):
+      lo, _, hi = part.partition('-')
+      classes += range(int(lo), int(hi or lo) + 1)
+  except ValueError as e:
+    raise ValueError(f"config.data.classes={spec!r}: write labels like '0-4' or '1,3,5', or "
+                     f"'' for all.") from e
+  return tuple(sorted(set(classes)))
+
+
+class ClassSubset:
+  """The examples of `source` whose label is in `classes`, in their original order.
+
+  Finding them reads every example's label once (fine for small sets; for ImageNet-sized
+  splits it takes a pass over the data).
+  """
+
+  def __init__(self, source, classes):
+    labels = np.array([int(source[i]['label']) for i in range(len(source))])
+    self.indices = np.flatnonzero(np.isin(labels, classes))
+    self.source = source
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def split_source(data_config, split: str, classes: str | None = None):
+  """get_source for a split of config.data, keeping only the labels in `classes`
+  (default: config.data.classes)."""
+  d = data_config
+  source = get_source(d.name, split, d.data_dir)
+  spec = d.classes if classes is None else classes
+  classes = parse_classes(spec)
+  if classes and max(classes) >= d.num_classes:
+    raise ValueError(f'config.data.classes={spec!r} has labels beyond '
+                     f'data.num_classes={d.num_classes}: labels index the head directly.')
+  return ClassSubset(source, classes) if classes else source
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """What `augment.preprocess` needs, read off config.data."""

@@ -60,6 +60,16 @@ def prefix_table(rows, title: str) -> str:
   return '\n'.join(lines)
 
 
+def forgetting_table(rows, old_branches: int, new_branches: int) -> str:
+  lines = [f'Expansion: test accuracy before ({old_branches} branches) and after '
+           f'({new_branches} branches, the first {old_branches} frozen)',
+           f'{"data":>5} {"classes":>8} {"examples":>8} {"before":>8} {"after":>8} '
+           f'{"change":>8}']
+  lines += [f'{r["data"]:>5} {r["classes"]:>8} {r["examples"]:>8} {100 * r["before"]:>7.2f}% '
+            f'{100 * r["after"]:>7.2f}% {100 * r["change"]:>+7.2f}%' for r in rows]
+  return '\n'.join(lines)
+
+
 def plot_prefix(rows, path: str, title: str):
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ks = [r['branches'] for r in rows]

@@ -39,11 +39,13 @@ def split_params(params, frozen_keys):
   return trained, frozen
 
 
-def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0):
+def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0,
+                    update_mask=None):
   """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
 
   `frozen_keys` name top-level parameter groups that get no gradient and no optimizer
-  update ('frozen_branches', and in later stages usually 'embed').
+  update ('frozen_branches', and in later stages usually 'embed'). `update_mask` freezes
+  parts of trained groups (see optim.update).
   """
   if mode not in MODES:
     raise ValueError(f'config.training.mode={mode!r}; choose one of {MODES}.')
@@ -77,7 +79,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
     else:
       grad_norm = optax.global_norm(grads)
-    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present)
+    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, update_mask)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': accuracy,
                                               'grad_norm': grad_norm}

@@ -21,8 +21,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from paraformer_jax import (checkpoint, finetune, input_pipeline, optim, reporting, sharding,
-                            steps)
+from paraformer_jax import (checkpoint, expand, finetune, input_pipeline, optim, reporting,
+                            sharding, steps)
 from paraformer_jax.model import ParaFormer, first_branches, merge_frozen, param_count
 
 
@@ -40,6 +40,7 @@ class StagePlan:
   """Which branches each stage trains and freezes, and how long it runs."""
   config: object
   steps_per_epoch: int
+  expand_frozen: int = 0  # branches of config.expand_from, frozen ahead of the new ones
 
   @property
   def stagewise(self):
@@ -58,11 +59,13 @@ class StagePlan:
 
   def model(self, stage: int) -> ParaFormer:
     if not self.stagewise:
-      return build_model(self.config)
+      return build_model(self.config).clone(num_frozen_branches=self.expand_frozen)
     per = self.config.training.branches_per_stage
     return build_model(self.config).clone(num_branches=per, num_frozen_branches=stage * per)
 
   def frozen_keys(self, stage: int) -> tuple:
+    if self.expand_frozen:
+      return ('frozen_branches', 'embed')  # and the old head rows: Trainer.update_mask
     if not self.stagewise or stage == 0:
       return ()
     t = self.config.training
@@ -87,6 +90,9 @@ def check_config(config, mesh):
     if config.init_from:
       raise ValueError('config.init_from with stagewise training is not supported yet; '
                        'fine-tune with joint, lpa or lpa_fused.')
+  if config.expand_from and (t.mode not in ('joint', 'lpa_fused') or config.init_from):
+    raise ValueError(f'config.expand_from trains the new branches with mode joint or '
+                     f'lpa_fused (not {t.mode!r}) and without config.init_from.')
   # The image / patch check of the model, without compiling anything.
   jax.eval_shape(model.init, jax.random.PRNGKey(0),
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
@@ -166,15 +172,17 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch)
     check_config(config, self.mesh)
     d = config.data
-    self.train_source = input_pipeline.get_source(d.name, d.train_split, d.data_dir)
-    self.val_source = input_pipeline.get_source(d.name, d.val_split, d.data_dir)
+    self.train_source = input_pipeline.split_source(d, d.train_split)
+    self.val_source = input_pipeline.split_source(d, d.val_split)
     self.channels = np.asarray(self.train_source[0]['image']).shape[-1]
     self.shard = sharding.data_shard(self.mesh)
     spe = input_pipeline.steps_per_epoch(self.train_source, config.training.batch_size)
     if spe < 1:
       raise ValueError(f'The training split has {len(self.train_source)} examples, fewer than '
                        f'one batch of {config.training.batch_size}; lower the batch size.')
-    self.plan = StagePlan(config, spe)
+    # Expansion: (branches, classes) of the run whose model is kept inside this one.
+    self.source = expand.source_layout(config.expand_from) if config.expand_from else (0, 0)
+    self.plan = StagePlan(config, spe, self.source[0])
     self.tx = optim.make_tx(config.training, spe)
     self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                         keep=config.keep_checkpoints)
@@ -203,11 +211,13 @@ class Trainer:
     model = self.plan.model(0)
     state = self._make_state(0, lambda: self._init_params(
         model, jax.random.PRNGKey(self.config.seed)), step=0)
-    if not self.config.init_from:
+    source = self.config.init_from or self.config.expand_from
+    if not source:
       return state
-    pretrained, step = finetune.load_pretrained(self.config.init_from)
-    params = finetune.transfer(pretrained, jax.device_get(state.params))
-    logging.info('Parameters from %s (step %d)', self.config.init_from, step)
+    pretrained, step = finetune.load_pretrained(source)
+    fill = expand.expanded_params if self.config.expand_from else finetune.transfer
+    params = fill(pretrained, jax.device_get(state.params))
+    logging.info('Parameters from %s (step %d)', source, step)
     return state.replace(params=jax.device_put(params, sharding.param_shardings(params,
                                                                                 self.mesh)))
 
@@ -249,11 +259,18 @@ class Trainer:
         '\n  '.join(problems[:5]) + '\nUse the config the checkpoint was trained with (see '
         f'config.json beside it), or a new --workdir for a different model.')
 
+  def update_mask(self, params):
+    """Expansion: only the new classes' head rows change (the old model stays inside)."""
+    if not self.config.expand_from:
+      return None
+    return {'head': expand.head_update_mask(params['head'], self.source[1])}
+
   # ---- loops ------------------------------------------------------------------------------
 
   def evaluate(self, model, params, source):
     """Accuracy of every prefix k = 1..L and the full model's loss, each example once."""
-    layout = (model.num_branches, model.num_frozen_branches)  # all else comes from the config
+    # All else comes from the config (the class count differs only for expansion's source).
+    layout = (model.num_branches, model.num_frozen_branches, model.num_classes)
     if layout not in self._eval_steps:
       self._eval_steps[layout] = steps.make_eval_step(model, self.mesh)
     eval_step = self._eval_steps[layout]
@@ -282,7 +299,8 @@ class Trainer:
     plan, config = self.plan, self.config
     model = plan.model(stage)
     train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
-                                       plan.frozen_keys(stage), config.training.clip_norm)
+                                       plan.frozen_keys(stage), config.training.clip_norm,
+                                       self.update_mask(state.params))
     first = stage * plan.steps_per_stage
     start = int(state.step) - first
     batches = input_pipeline.train_batches(self.train_source, config.data,
@@ -352,14 +370,41 @@ class Trainer:
         self.stage_ckpts.wait()
     self.ckpts.wait()
     results = self.report(self.plan.num_stages - 1, state, 'final')
+    if self.config.expand_from:
+      results['forgetting'] = self.forgetting(state)
     writer.close()
     return results
+
+  def forgetting(self, state):
+    """Test accuracy on the source run's data and on this run's, before and after expansion:
+    printed, and written to forgetting.json."""
+    d = self.config.data
+    with open(os.path.join(self.config.expand_from, 'config.json')) as f:
+      old_classes = json.load(f)['data']['classes']
+    branches, classes = self.source
+    before_params, _ = finetune.load_pretrained(self.config.expand_from)
+    before = (build_model(self.config).clone(num_branches=branches, num_classes=classes),
+              before_params)
+    after = merge_frozen(self.plan.model(0), state.params)
+    rows = []
+    for label, spec in (('old', old_classes), ('new', d.classes)):
+      test = input_pipeline.split_source(d, d.test_split, classes=spec)
+      accuracy = [self.evaluate(m, p, test)['prefix_accuracy'][-1] for m, p in (before, after)]
+      rows.append({'data': label, 'classes': spec or 'all', 'examples': len(test),
+                   'before': accuracy[0], 'after': accuracy[1],
+                   'change': accuracy[1] - accuracy[0]})
+    if jax.process_index() == 0:
+      total = branches + self.plan.model(0).num_branches
+      print(reporting.forgetting_table(rows, branches, total), flush=True)
+      with open(os.path.join(self.workdir, 'forgetting.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+    return rows
 
   def report(self, stage, state, name, split=None):
     """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
     d = self.config.data
     split = split or d.test_split
-    source = input_pipeline.get_source(d.name, split, d.data_dir)
+    source = input_pipeline.split_source(d, split)
     model, params = merge_frozen(self.plan.model(stage), state.params)
     result = self.evaluate(model, params, source)
     counts = [param_count(first_branches(model, params, k)[1])
@@ -383,7 +428,8 @@ class Trainer:
 RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'model.mlp_dim',
                 'model.num_branches', 'model.branch_depth', 'model.block_style', 'model.pool',
                 'data.name', 'data.num_classes', 'data.image_size', 'training.mode',
-                'training.batch_size', 'training.branches_per_stage', 'training.schedule')
+                'training.batch_size', 'training.branches_per_stage', 'training.schedule',
+                'data.classes', 'expand_from')
 
 
 def check_workdir(config, workdir: str):
@@ -403,7 +449,8 @@ def check_workdir(config, workdir: str):
     return tree
 
   diffs = [f'{k}: {get(saved, k)!r} in the workdir, {get(current, k)!r} now' for k in keys
-           if get(saved, k) != get(current, k)]
+           if get(saved, k) != get(current, k) and get(saved, k) is not None]  # None: a
+  # setting that did not exist when the workdir was made
   if diffs:
     raise ValueError(f'{workdir} holds a run made with other settings:\n  ' +
                      '\n  '.join(diffs) + f'\nUse a new --workdir (the checkpoints there are '

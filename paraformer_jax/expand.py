@@ -1,0 +1,53 @@
+"""Expansion (continual learning): fresh branches trained on new data beside frozen old ones.
+
+`config.expand_from` names a trained run. Its embedding and branches are frozen (they become
+`params['frozen_branches']`, as in stagewise training) and `model.num_branches` fresh
+branches are added. When the new config has more classes (`data.num_classes`), the head is
+widened: the old classes' rows and the head's LayerNorm stay as they were, the new rows
+start fresh. Only the new branches and the new head rows are updated, so the old model is
+still inside the new one, bit for bit; what the new branches add to the sum is what can
+make it forget, and `forgetting` measures that.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paraformer_jax import checkpoint
+
+
+def source_layout(workdir: str) -> tuple[int, int]:
+  """(branches, frozen ones included; classes) of the run in `workdir`, from metadata."""
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=None)
+  step = ckpts.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.expand_from={workdir!r} holds no checkpoint in '
+                            f'{ckpts.directory}; point it at the workdir of a trained run.')
+  shapes = ckpts.param_shapes(step)
+  count = lambda stack: next((s[0] for k, s in shapes.items() if k.startswith(stack)), 0)
+  return (count("['branches']") + count("['frozen_branches']"),
+          shapes["['head']['out']['bias']"][0])
+
+
+def expanded_params(pretrained, fresh):
+  """`fresh` (a model with frozen_branches) filled from `pretrained` (one merged stack)."""
+  old, new = (p['head']['out']['bias'].shape[0] for p in (pretrained, fresh))
+  if new < old:
+    raise ValueError(f'config.data.num_classes={new} is below the {old} classes of '
+                     f'config.expand_from; expansion keeps every old class.')
+  out = {k: np.array(v) for k, v in fresh['head']['out'].items()}  # the new rows: fresh
+  out['kernel'][:, :old] = pretrained['head']['out']['kernel']
+  out['bias'][:old] = pretrained['head']['out']['bias']
+  head = {'norm': pretrained['head']['norm'], 'out': out}
+  return {**fresh, 'embed': pretrained['embed'], 'frozen_branches': pretrained['branches'],
+          'head': head}
+
+
+def head_update_mask(head, old: int):
+  """1 where the head may change (the new classes' rows), 0 elsewhere."""
+  new_rows = lambda a: (jnp.arange(a.shape[-1]) >= old).astype(a.dtype) * jnp.ones_like(a)
+  return {'norm': jax.tree.map(jnp.zeros_like, head['norm']),
+          'out': jax.tree.map(new_rows, head['out'])}
