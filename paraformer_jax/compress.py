@@ -78,7 +78,7 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
   state, stage = trainer.restore(step)
   model, params = merge_frozen(trainer.plan.model(stage), jax.device_get(state.params))
   d = config.data
-  test = input_pipeline.get_source(d.name, d.test_split, d.data_dir)
+  test = input_pipeline.split_source(d, d.test_split)
   order = (list(range(model.num_branches)) if select == 'prefix' else
            greedy_order(trainer, model, params, trainer.val_source))
   ordered = reorder(params, order)

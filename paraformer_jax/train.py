@@ -380,7 +380,7 @@ class Trainer:
     printed, and written to forgetting.json."""
     d = self.config.data
     with open(os.path.join(self.config.expand_from, 'config.json')) as f:
-      old_classes = json.load(f)['data']['classes']
+      old_classes = json.load(f)['data'].get('classes', '')  # '' (all) in older workdirs
     branches, classes = self.source
     before_params, _ = finetune.load_pretrained(self.config.expand_from)
     before = (build_model(self.config).clone(num_branches=branches, num_classes=classes),
@@ -448,9 +448,9 @@ def check_workdir(config, workdir: str):
       tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
+  # A setting missing from the saved config did not exist when the workdir was made.
   diffs = [f'{k}: {get(saved, k)!r} in the workdir, {get(current, k)!r} now' for k in keys
-           if get(saved, k) != get(current, k) and get(saved, k) is not None]  # None: a
-  # setting that did not exist when the workdir was made
+           if get(saved, k) is not None and get(saved, k) != get(current, k)]
   if diffs:
     raise ValueError(f'{workdir} holds a run made with other settings:\n  ' +
                      '\n  '.join(diffs) + f'\nUse a new --workdir (the checkpoints there are '

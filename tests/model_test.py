@@ -180,6 +180,20 @@ def test_branch_strategies_agree_forward_and_gradients(strategy_cases, images, s
   assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
 
 
+@pytest.mark.parametrize('style,depth,pool', [('prenorm', 1, 'mean'), ('reference', 2, 'cls')])
+def test_fused_equals_vmap_in_the_other_corners(images, style, depth, pool):
+  """The fused start of block 0 is the one style-specific strategy: the remaining pairs of
+  style and depth, against vmap (itself checked against slices and numpy above)."""
+  vmap = ParaFormer(num_branches=8, branch_depth=depth, block_style=style, pool=pool, **SMALL,
+                    branch_strategy='vmap')
+  params = vmap.init(jax.random.key(4), images[:1])['params']
+  want, want_grads = _prefix_loss(vmap, images)(params)
+  got, got_grads = _prefix_loss(vmap.clone(branch_strategy='fused'), images)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               got_grads, want_grads)
+
+
 def test_auto_strategy_rule_on_cpu():
   """The rule docs/benchmarks.md measured: batched when tiny, a loop otherwise, strictly one
   branch at a time once a branch's activations are large."""

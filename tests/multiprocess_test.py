@@ -1,4 +1,5 @@
-"""Two processes on 127.0.0.1 (CPU collectives) train like one process."""
+"""Two processes on 127.0.0.1 (CPU collectives) train and infer like one process."""
+import argparse
 import os
 import socket
 import subprocess
@@ -69,3 +70,16 @@ def test_two_processes_equal_one(data_dir, single_process, tmp_path, mesh):
   got = _final_params(data_dir, str(tmp_path))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(single_process)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind,branches,depth', [('paraformer', 8, 2), ('pipeline', 1, 4)])
+def test_forward_over_two_processes_equals_one_process(kind, branches, depth):
+  """benchmarks/branch_parallel.py: branches (or pipeline stages) on 2 processes, one core
+  each; every process compares the logits with the same model computed on its own."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import branch_parallel
+  args = argparse.Namespace(repeats=1, batches='1,8', image_size=8, width=64, micro_batch=4)
+  result = branch_parallel._spawn(kind, branches, depth, 2, args)
+  assert set(result) == {'1', '8', 'max_abs_diff'}
+  assert result['max_abs_diff'] < 1e-4
