@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,19 +53,8 @@ def _model_kwargs(args):
               mlp_dim=4 * args.width)
 
 
-def _time(fn, repeats):
-  import jax
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _paraformer(args, mesh, images):
-  """(no-argument forward, its logits, the same model's logits computed in this process)."""
+  """(forward(images), the same model's logits on `images` computed in this process alone)."""
   import jax
   from paraformer_jax import sharding
   from paraformer_jax.model import ParaFormer
@@ -155,6 +142,7 @@ def worker(args):
   os.sched_setaffinity(0, {args.process_id % os.cpu_count()})
   import jax
   import numpy as np
+  from model_throughput import timed  # imported after pinning: it starts JAX
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   mesh = None
   if args.processes > 1:
@@ -172,7 +160,7 @@ def worker(args):
     np.testing.assert_allclose(got, np.asarray(reference), rtol=1e-4, atol=1e-4)
     result['max_abs_diff'] = max(result['max_abs_diff'],
                                  float(np.abs(got - np.asarray(reference)).max()))
-    result[b] = _time(lambda: forward(images[:b]), args.repeats)
+    result[b] = timed(lambda: forward(images[:b]), repeats=args.repeats)
   if args.process_id == 0:
     print(json.dumps(result))
 

@@ -11,27 +11,16 @@ Batches are random arrays of the dataset's shape (step time does not depend on t
   .venv/bin/python benchmarks/training_modes.py --config=cifar32 --batch=64
 """
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from configs import cifar10, digits
+from model_throughput import timed
 from paraformer_jax import optim, sharding, steps, train
 
 CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
-
-
-def seconds_per_call(fn, repeats):
-  fn()  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def step_runner(model, mode, frozen_keys, batch, lpa_pass=None):
@@ -69,14 +58,13 @@ def main():
         f'batch {batch_size}, backend {jax.default_backend()}')
 
   full = step_runner(model, 'lpa', (), batch, lpa_pass=False)
-  t = {'joint': seconds_per_call(step_runner(model, 'joint', (), batch), args.repeats),
-       'lpa_fused': seconds_per_call(step_runner(model, 'lpa_fused', (), batch), args.repeats)}
-  t['lpa'] = (seconds_per_call(step_runner(model, 'lpa', (), batch, lpa_pass=True),
-                               args.repeats) + seconds_per_call(full, args.repeats))
+  t = {'joint': timed(step_runner(model, 'joint', (), batch), repeats=args.repeats),
+       'lpa_fused': timed(step_runner(model, 'lpa_fused', (), batch), repeats=args.repeats)}
+  t['lpa'] = (timed(step_runner(model, 'lpa', (), batch, lpa_pass=True), repeats=args.repeats)
+              + timed(full, repeats=args.repeats))
   staged = model.clone(num_branches=1, num_frozen_branches=L - 1)
-  t['stagewise'] = seconds_per_call(step_runner(staged, 'stagewise',
-                                                ('frozen_branches', 'embed'), batch),
-                                    args.repeats)
+  t['stagewise'] = timed(step_runner(staged, 'stagewise', ('frozen_branches', 'embed'), batch),
+                         repeats=args.repeats)
   print('| mode | s / minibatch | vs lpa | vs joint |')
   print('|---|---|---|---|')
   for mode in ('lpa', 'lpa_fused', 'joint', 'stagewise'):
