@@ -66,7 +66,8 @@ class Checkpoints:
       raise CheckpointWriteError(
           f'Writing a checkpoint to {self.directory} failed: {str(e).splitlines()[0]}\n'
           f'Nothing earlier was lost: {kept} (a half-written checkpoint is never restored). '
-          f'Free disk space (or move the workdir), then rerun the same command to resume.'
+          f'If the disk or a quota is full, free space (or move the workdir); then rerun the '
+          f'same command to resume.'
       ) from e
 
   def latest_step(self) -> int | None:
