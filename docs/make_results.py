@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import matplotlib
@@ -27,7 +29,7 @@ from paraformer_jax import train  # noqa: E402
 BRANCHES = (1, 2, 4, 8)
 MODES = ('joint', 'lpa', 'lpa_fused', 'stagewise')
 MODE_EPOCHS = 8  # stagewise: one epoch per branch, so every mode sees 8 epochs of data
-PARTS = ('scaling', 'expansion', 'modes')
+PARTS = ('scaling', 'expansion', 'modes', 'parallel')
 
 
 def run(out, name, seed, make_config, **overrides):
@@ -208,6 +210,30 @@ def expansion(args, seeds):
   return lines
 
 
+def parallel(args, seeds):
+  """benchmarks/branch_parallel.py's table (its output is kept in --out like a run's)."""
+  del seeds  # a timing, not a training run
+  cached = os.path.join(args.out, 'branch_parallel.txt')
+  if not os.path.exists(cached):
+    script = os.path.join(os.path.dirname(args.docs), 'benchmarks', 'branch_parallel.py')
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, check=True)
+    with open(cached, 'w') as f:
+      f.write(out.stdout)
+  text = open(cached).read().strip().splitlines()
+  return ['## Branch-parallel inference on 2 processes', '',
+          'Latency of one ParaFormer (32 px, patch 4, D=192, M=2) whose L branches are split '
+          'over 2 processes (`jax.distributed` on 127.0.0.1, gloo, one core each), against the '
+          'same model in one process on one core, and against a GPipe-style 2-stage pipeline '
+          'of the sequential baseline of equal depth (1 x 2L blocks, micro-batches of 16) on '
+          'the same 2 processes. Each multi-process output is checked against one process '
+          'before it is timed. From `.venv/bin/python benchmarks/branch_parallel.py`:', '',
+          text[0], ''] + text[1:-2] + ['', '- ' + text[-2], '- ' + text[-1], '',
+          'Targets (L=8, batch 1, at least 1.6x better than one process and than the '
+          'pipeline) are checked against these lines. At batch 1 a pipeline cannot overlap '
+          'its stages (one micro-batch), so it pays both stages in turn plus the transfer; '
+          'branches need only one sum of [batch, D] at the end.', '']
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--seeds', type=int, default=5)
@@ -230,7 +256,8 @@ def main():
            'images of 8x8 pixels: a small set, so differences of a point or two are within '
            'the seed-to-seed spread. Plots: `results_scaling.png`, `results_modes.png`.', '']
   for part in args.parts.split(','):
-    lines += {'scaling': scaling, 'modes': modes, 'expansion': expansion}[part](args, seeds)
+    lines += {'scaling': scaling, 'modes': modes, 'expansion': expansion,
+              'parallel': parallel}[part](args, seeds)
   path = os.path.join(args.docs, 'results.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
