@@ -76,44 +76,54 @@ def full_accuracy(result):
 
 
 def scaling(args, seeds):
-  """Accuracy against the number of branches (M=1), and the sequential baseline."""
-  runs = {L: [run(args.out, f'paraformer_{L}x1', s, digits.get_config,
-                  **{'model.num_branches': L, **args.epochs_override}) for s in seeds]
-          for L in BRANCHES}
-  baseline = [run(args.out, 'sequential_1x8', s, digits.get_config,
-                  **{'model.num_branches': 1, 'model.branch_depth': 8,
-                     **args.epochs_override}) for s in seeds]
+  """Accuracy against the number of branches (M=1), and sequential baselines of equal size."""
+  trained = lambda name, **kw: [run(args.out, name, s, digits.get_config,
+                                    **{**kw, **args.epochs_override}) for s in seeds]
+  runs = {L: trained(f'paraformer_{L}x1', **{'model.num_branches': L}) for L in BRANCHES}
+  # 1 branch of L blocks: the same parameter count as L branches of 1 block.
+  seq = {L: trained(f'sequential_1x{L}', **{'model.num_branches': 1, 'model.branch_depth': L})
+         for L in BRANCHES}
+  acc = lambda results: mean_std([full_accuracy(r) for r in results])
+  params = lambda results: results[0]['prefixes'][-1]['params']
   lines = ['## Accuracy against the number of branches, and the sequential baseline', '',
            f'`configs/digits.py` (`lpa_fused`, '
            f'{args.epochs_override.get("training.epochs", digits.get_config().training.epochs)} '
-           f'epochs, 8x8 images), {len(seeds)} seeds; test '
-           'accuracy (%) of the full model, mean ± standard deviation over seeds.', '',
-           '| model | parameters | test accuracy |', '|---|---|---|']
-  for L, results in runs.items():
-    lines.append(f'| ParaFormer {L}x1 | {results[0]["prefixes"][-1]["params"]:,} | '
-                 f'{cell([full_accuracy(r) for r in results])} |')
-  lines.append(f'| sequential 1x8 | {baseline[0]["prefixes"][-1]["params"]:,} | '
-               f'{cell([full_accuracy(r) for r in baseline])} |')
-  means = [mean_std([full_accuracy(r) for r in runs[L]])[0] for L in BRANCHES]
+           f'epochs, 8x8 images), {len(seeds)} seeds; test accuracy (%) of the full model, '
+           'mean ± standard deviation over seeds. ParaFormer Lx1 (L branches of 1 block) and '
+           'the sequential 1xL (1 branch of L blocks) have the same parameters.', '',
+           '| L | parameters | ParaFormer Lx1 | sequential 1xL |', '|---|---|---|---|']
+  for L in BRANCHES:
+    lines.append(f'| {L} | {params(runs[L]):,} | {cell([full_accuracy(r) for r in runs[L]])} '
+                 f'| {cell([full_accuracy(r) for r in seq[L]])} |')
+  means = [acc(runs[L])[0] for L in BRANCHES]
   rises = all(a < b for a, b in zip(means, means[1:]))
-  para, seq = (mean_std([full_accuracy(r) for r in rs]) for rs in (runs[8], baseline))
+  gap = {L: (acc(runs[L])[0] - acc(seq[L])[0], acc(runs[L])[1] + acc(seq[L])[1])
+         for L in BRANCHES[1:]}  # L = 1 is the same model twice
+  listed = lambda keep: ', '.join(str(L) for L, (d, s) in gap.items() if keep(d, s)) or 'none'
   lines += ['', f'- Does accuracy rise with branches? Means for L = 1, 2, 4, 8: '
                 f'{", ".join(f"{m:.2f}" for m in means)}: '
                 f'{"yes, at every step" if rises else "not at every step"}.',
-            f'- ParaFormer 8x1 against the sequential 1x8 (the same parameter count): '
-            f'{para[0]:.2f} vs {seq[0]:.2f}; the difference is '
-            f'{"within" if abs(para[0] - seq[0]) <= para[1] + seq[1] else "beyond"} one '
-            f'standard deviation of each added together ({para[1] + seq[1]:.2f}).', '']
+            f'- ParaFormer against the sequential model of the same size (a gap counts when it '
+            f'exceeds the two standard deviations added together): ahead at L = '
+            f'{listed(lambda d, s: d > s)}; behind at L = {listed(lambda d, s: -d > s)}; '
+            f'within the spread at L = {listed(lambda d, s: abs(d) <= s)}.', '']
 
   # Compression: every prefix k of the 8x1 runs, from the same single pass.
-  lines += ['## Compression: the first k branches of the 8x1 model', '',
-            'The same 8x1 runs, evaluated with their first k branches only (no retraining).',
-            '', '| k | parameters | ratio to 8 | test accuracy |', '|---|---|---|---|']
-  full_params = runs[8][0]['prefixes'][-1]['params']
   per_k = [[r['prefixes'][k]['accuracy'] for r in runs[8]] for k in range(8)]
+  full_params = params(runs[8])
+  lines += ['## Compression: the first k branches of the 8x1 model', '',
+            'The same 8x1 runs, evaluated with their first k branches only (no retraining). '
+            'Last column: the smallest sequential model above whose mean accuracy is at least '
+            'that of the k branches, and how many times more parameters it has.', '',
+            '| k | parameters | ratio to 8 | test accuracy | sequential of equal accuracy |',
+            '|---|---|---|---|---|']
   for k, accs in enumerate(per_k):
-    params = runs[8][0]['prefixes'][k]['params']
-    lines.append(f'| {k + 1} | {params:,} | {full_params / params:.2f}x | {cell(accs)} |')
+    k_params = runs[8][0]['prefixes'][k]['params']
+    match = next((L for L in BRANCHES if acc(seq[L])[0] >= mean_std(accs)[0]), None)
+    versus = ('none of 1x1-1x8 reaches it' if match is None else
+              f'1x{match}: {params(seq[match]) / k_params:.2f}x')
+    lines.append(f'| {k + 1} | {k_params:,} | {full_params / k_params:.2f}x | {cell(accs)} '
+                 f'| {versus} |')
   full = mean_std(per_k[-1])[0]
   smallest = next(k for k in range(8) if mean_std(per_k[k])[0] >= full - 1.0) + 1
   lines += ['', f'Smallest k within 1 point of the full model (mean): k = {smallest}, '
@@ -122,19 +132,18 @@ def scaling(args, seeds):
                 f'branch alone ({full_params / runs[8][0]["prefixes"][0]["params"]:.2f}x fewer '
                 f'parameters) is {full - mean_std(per_k[0])[0]:.1f} '
                 f'points below the full model.', '']
-  plot_scaling(args, runs, baseline, per_k)
+  plot_scaling(args, runs, seq, per_k)
   return lines
 
 
-def plot_scaling(args, runs, baseline, per_k):
+def plot_scaling(args, runs, seq, per_k):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  ms = [mean_std([full_accuracy(r) for r in runs[L]]) for L in BRANCHES]
-  axes[0].errorbar(BRANCHES, [m for m, _ in ms], [s for _, s in ms], marker='o', capsize=3,
-                   label='ParaFormer Lx1')
-  seq = mean_std([full_accuracy(r) for r in baseline])
-  axes[0].axhline(seq[0], color='gray', ls='--', label='sequential 1x8')
-  axes[0].set(xlabel='branches L', ylabel='test accuracy (%)', xticks=BRANCHES,
-              title='Accuracy against branches')
+  for label, group in (('ParaFormer Lx1', runs), ('sequential 1xL', seq)):
+    ms = [mean_std([full_accuracy(r) for r in group[L]]) for L in BRANCHES]
+    axes[0].errorbar(BRANCHES, [m for m, _ in ms], [s for _, s in ms], marker='o', capsize=3,
+                     label=label)
+  axes[0].set(xlabel='L (branches, or blocks of the sequential model)',
+              ylabel='test accuracy (%)', xticks=BRANCHES, title='Accuracy against size')
   axes[0].legend()
   ks = range(1, 9)
   kms = [mean_std(a) for a in per_k]
