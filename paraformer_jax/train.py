@@ -457,13 +457,22 @@ def check_workdir(config, workdir: str):
                      f'kept), or the settings in {path}.')
 
 
+def save_config(config, workdir: str):
+  """workdir/config.json, written whole and then renamed: the other processes, which may
+  still be in check_workdir, never read a half-written file (a fresh multi-host run used to
+  crash there)."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=1))
+  os.replace(path + '.tmp', path)
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
   os.makedirs(workdir, exist_ok=True)
   check_workdir(config, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    save_config(config, workdir)
   trainer = Trainer(config, workdir)
   try:
     return trainer.run()

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
   assert trainer.ckpts.all_steps() == [5]
   state, _ = trainer.restore(5)
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+
+
+def test_config_json_is_never_seen_half_written(data_dir, tmp_path):
+  """Multi-host: process 0 writes config.json while the others run check_workdir on it."""
+  config = tiny_config(data_dir)
+  workdir = str(tmp_path)
+  train.save_config(config, workdir)
+  done = threading.Event()
+
+  def keep_writing():
+    for _ in range(200):
+      train.save_config(config, workdir)
+    done.set()
+  writer = threading.Thread(target=keep_writing)
+  writer.start()
+  checks = 0
+  while not done.is_set():
+    train.check_workdir(config, workdir)  # raised JSONDecodeError when written in place
+    checks += 1
+  writer.join()
+  assert checks > 0
 
 
 def test_a_workdir_of_another_run_is_refused_and_kept(straight_run):
