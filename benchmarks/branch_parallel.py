@@ -70,23 +70,20 @@ def _paraformer(args, mesh, images):
   return lambda x: forward(params, sharding.global_batch(mesh, x)), reference
 
 
-class _Stage:
-  """Half of the sequential baseline's blocks (Flax), for the pipeline."""
+def _stage(args):
+  """Half of the sequential baseline's blocks (a Flax module), for the pipeline."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from paraformer_jax.model import Block
 
-  @staticmethod
-  def make(args):
-    import flax.linen as nn
-    import jax.numpy as jnp
-    from paraformer_jax.model import Block
-
-    class Stage(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-        for i in range(args.depth // 2):
-          x = Block(args.width // 64, 4 * args.width, 0.0, 'prenorm', jnp.float32,
-                    name=f'block{i}')(x, True)
-        return x
-    return Stage()
+  class Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(args.depth // 2):
+        x = Block(args.width // 64, 4 * args.width, 0.0, 'prenorm', jnp.float32,
+                  name=f'block{i}')(x, True)
+      return x
+  return Stage()
 
 
 def _pipeline(args, mesh, images):
@@ -100,7 +97,7 @@ def _pipeline(args, mesh, images):
   kw = _model_kwargs(args)
   embed = PatchEmbed(kw['patch_size'], args.width, 0.0, False, jnp.float32)
   head = Head(kw['num_classes'], jnp.float32)
-  stage = _Stage.make(args)
+  stage = _stage(args)
   k = jax.random.split(jax.random.key(0), 4)
   # Host copies: constants of the compiled program, or placed on the mesh below.
   e_params = jax.device_get(embed.init(k[0], images[:1], True)['params'])
