@@ -6,6 +6,7 @@ freezing some and appending new ones are array operations on the leading branch 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,12 @@ BRANCH_STRATEGIES = ('auto', 'vmap', 'scan', 'unrolled', 'fused')
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; qkv without bias, as in the authors' code."""
+  """Multi-head self-attention; qkv without bias, as in the authors' code.
+
+  The qkv kernel is one [D, 3, heads, head_dim] parameter with nn.DenseGeneral's name, layout
+  and initial values, applied by `project_qkv`, whose derivative is cheaper than the one
+  autodiff would give.
+  """
   num_heads: int
   dropout: float
   dtype: Any
@@ -27,29 +33,80 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool, num_queries=None, qkv=None):
     """`num_queries`: only the first tokens ask (keys and values still come from all).
-    `qkv`: projections computed by the caller (the fused branch stack), skipping ours."""
+    `qkv`: (q, k, v), each [batch, heads, tokens, head_dim], computed by the caller (the
+    fused branch stack), skipping ours."""
     if qkv is None:
-      qkv = nn.DenseGeneral((3, self.num_heads, HEAD_DIM), use_bias=False, dtype=self.dtype,
-                            name='qkv')(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
-    y = _attention(q[:, :num_queries], k, v)
-    y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(y)
+      kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), name='qkv')()
+      qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype))
+    q, k, v = qkv
+    y = _attention(q[:, :, :num_queries], k, v)
+    y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(
+        y.transpose(0, 2, 1, 3))
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
+@jax.custom_jvp
+def project_qkv(x, kernel):
+  """(q, k, v), each [batch, heads, tokens, head_dim], from x [batch, tokens, D] and the
+  [D, 3, heads, head_dim] kernel: one matmul.
+
+  Its derivative (below) is three products, one per output. Differentiating the one
+  matmul instead makes the backward pass pad the q, k, v gradients back into one
+  [tokens, 3 x inner] array and transpose it for the weight gradient: about a fifth of a
+  training step on a CPU. Three products in the forward pass would be slower at batch 1
+  (docs/benchmarks.md). A JVP rule, unlike a VJP rule, leaves the transposition, and with
+  it the sums over shard_map axes, to JAX.
+  """
+  qkv = jnp.einsum('btd,dsnh->btsnh', x, kernel)
+  return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+@project_qkv.defjvp
+def _project_qkv_jvp(primals, tangents):
+  (x, kernel), (dx, dkernel) = primals, tangents
+  each = lambda a, w: [jnp.einsum('btd,dnh->bnth', a, w[:, i]) for i in range(3)]
+  return project_qkv(x, kernel), tuple(
+      u + v for u, v in zip(each(dx, kernel), each(x, dkernel)))
+
+
+def _dense_general_init(key, shape, dtype=jnp.float32):
+  """nn.DenseGeneral's default kernel init: LeCun normal over the flattened (in, out) shape."""
+  flat = (shape[0], math.prod(shape[1:]))
+  return nn.initializers.lecun_normal()(key, flat, dtype).reshape(shape)
+
+
+class QkvKernel(nn.Module):
+  """The attention's qkv kernel alone, named and initialised as nn.DenseGeneral's."""
+  shape: tuple
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', _dense_general_init, self.shape)
+
+
 def _attention(q, k, v):
-  """Softmax attention on [batch, tokens, heads, head_dim] inputs.
+  """Softmax attention on [batch, heads, tokens, head_dim] inputs.
 
   jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where a backend
-  has them. XLA:CPU has none, and there the same math in a [batch, heads, tokens, head_dim]
-  layout runs about 2x faster (benchmarks/model_throughput.py), so the CPU takes that path.
+  has them. XLA:CPU has none; there plain einsums in this layout run about 2x faster
+  (benchmarks/model_throughput.py), so the CPU takes that path.
   """
   if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q, k, v)
-  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    t = lambda a: a.transpose(0, 2, 1, 3)  # dot_product_attention wants [b, tokens, heads, h]
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
   scores = jnp.einsum('bnqh,bnkh->bnqk', q * (q.shape[-1] ** -0.5), k)
   weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum('bnqk,bnkh->bnqh', weights, v).transpose(0, 2, 1, 3)
+  return jnp.einsum('bnqk,bnkh->bnqh', weights, v)
+
+
+def gelu(x):
+  """Exact (erf) GELU, as the authors' nn.GELU().
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU evaluates piecewise with
+  exponentials: 2.5x slower than this erf form (docs/benchmarks.md), whose results differ
+  by at most 1e-6 (absolute, |x| <= 10).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * 2 ** -0.5))
 
 
 class Mlp(nn.Module):
@@ -58,9 +115,12 @@ class Mlp(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, hidden_only: bool = False):
+    """`hidden_only`: stop before fc2 (the fused branch stack applies it to all branches)."""
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(x)
-    y = nn.Dropout(self.dropout)(nn.gelu(y, approximate=False), deterministic=deterministic)
+    y = nn.Dropout(self.dropout)(gelu(y), deterministic=deterministic)
+    if hidden_only:
+      return y
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
@@ -77,6 +137,8 @@ class Block(nn.Module):
   under cls pooling, where the other tokens' outputs are never used.
   `first` = (LN(x) or None, qkv): the norm1 output and qkv projections, when the fused branch
   stack has computed them for all branches at once (LN(x) is only needed by `reference`).
+  `defer_fc2` returns (residual, MLP hidden activations) instead of their sum through fc2,
+  for the fused stack to apply every branch's fc2 at once.
   """
   num_heads: int
   mlp_dim: int
@@ -85,7 +147,8 @@ class Block(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, cls_only: bool = False, first=None):
+  def __call__(self, x, deterministic: bool, cls_only: bool = False, first=None,
+               defer_fc2: bool = False):
     h, qkv = (None, None) if first is None else first
     if h is None and (qkv is None or self.style == 'reference'):
       h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
@@ -97,8 +160,9 @@ class Block(nn.Module):
       x, h = x[:, :1], (None if h is None else h[:, :1])
     x = y + (h if self.style == 'reference' else x)
     h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
-    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic)
-    return y + (h if self.style == 'reference' else x)
+    residual = h if self.style == 'reference' else x
+    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic, defer_fc2)
+    return (residual, y) if defer_fc2 else y + residual
 
 
 def pool_tokens(x, pool: str):
@@ -117,20 +181,24 @@ class Branch(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, first=None):
-    """`first`: see `Block`; the fused stack's precomputed start of block 0."""
+  def __call__(self, x, deterministic: bool, first=None, defer_fc2: bool = False):
+    """`first`, `defer_fc2`: see `Block`; the fused stack's start of block 0 and its
+    end of the last block, for which this returns (pooled residual, pooled MLP hidden)."""
     for i in range(self.depth):
       last = i == self.depth - 1
       x = Block(self.num_heads, self.mlp_dim, self.dropout, self.style, self.dtype,
                 name=f'block{i}')(x, deterministic, last and self.pool == 'cls',
-                                  first if i == 0 else None)
+                                  first if i == 0 else None, last and defer_fc2)
+    if defer_fc2:
+      return tuple(pool_tokens(a, self.pool) for a in x)
     return pool_tokens(x, self.pool)
 
 
 class BranchStack(nn.Module):
   """`num_branches` branches with stacked parameters (leading axis = branch).
 
-  Every branch reads the same tokens; returns each branch's pooled output, [branches, batch, D].
+  Every branch reads the same tokens; returns each branch's pooled output, [branches, batch, D],
+  or with `summed` their sum, [batch, D].
   `strategy` says how the local branches run; all give the same parameter tree and result:
     'vmap': all at once (every branch's activations alive together);
     'scan': one after the other in a `lax.scan` loop: memory holds one branch's activations
@@ -141,6 +209,8 @@ class BranchStack(nn.Module):
     'fused': as 'vmap', but the start of block 0, which every branch applies to the same
       tokens, runs once for all: one set of LayerNorm statistics and one wide qkv matmul
       with each branch's LayerNorm scale and bias folded into its weights (exact algebra);
+      and, when only the sum is wanted, every branch's last fc2 and the sum over branches
+      are one matmul over the concatenated hidden axis (`_fused_last_fc2`);
     'auto': `auto_strategy` picks one from the backend and the work per branch.
   """
   num_branches: int
@@ -154,7 +224,7 @@ class BranchStack(nn.Module):
   strategy: str = 'vmap'
 
   @nn.compact
-  def __call__(self, tokens, deterministic: bool):
+  def __call__(self, tokens, deterministic: bool, summed: bool = False):
     branch_args = (self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
                    self.pool, self.dtype)
     stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True})
@@ -166,13 +236,18 @@ class BranchStack(nn.Module):
       body = lambda branch, carry, t, d: (carry, branch(t, d))
       branches = nn.scan(body, in_axes=(nn.broadcast, nn.broadcast),
                          length=self.num_branches, unroll=strategy == 'unrolled', **stacked)
-      return branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
-    branches = nn.vmap(Branch, in_axes=(None, None, 0), out_axes=0,
+      out = branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
+      return out.sum(axis=0) if summed else out
+    branches = nn.vmap(Branch, in_axes=(None, None, 0, None), out_axes=0,
                        axis_size=self.num_branches, **stacked)(*branch_args, name='branch')
-    first = None
-    if strategy == 'fused' and not self.is_initializing():
-      first = self._fused_block0_start(tokens)
-    return branches(tokens, deterministic, first)
+    fused = strategy == 'fused' and not self.is_initializing()
+    first = self._fused_block0_start(tokens) if fused else None
+    # fc2 is applied after pooling; dropout on its output per token would not commute.
+    fuse_fc2 = fused and summed and (deterministic or self.dropout == 0)
+    out = branches(tokens, deterministic, first, fuse_fc2)
+    if fuse_fc2:
+      return self._fused_last_fc2(*out)
+    return out.sum(axis=0) if summed else out
 
   def _fused_block0_start(self, tokens):
     """(LN(x) per branch or None, qkv per branch) of every branch's block 0, computed once.
@@ -185,11 +260,21 @@ class BranchStack(nn.Module):
     w = p['attn']['qkv']['kernel']  # [branches, D, 3, heads, head_dim]
     n = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name='shared_norm')(
         tokens)
-    wide = jnp.einsum('ld,ld...->dl...', g, w).astype(self.dtype)
-    qkv = jnp.einsum('btd,dl...->lbt...', n, wide) + jnp.einsum(
-        'ld,ld...->l...', b, w).astype(self.dtype)[:, None, None]
+    wide = jnp.einsum('ld,ldsnh->dlsnh', g, w).astype(self.dtype)
+    bias = jnp.einsum('ld,ldsnh->lsnh', b, w).astype(self.dtype)[:, None, None]
+    qkv = jnp.einsum('btd,dlsnh->lbtsnh', n, wide) + bias
+    qkv = tuple(qkv[:, :, :, i].transpose(0, 1, 3, 2, 4) for i in range(3))  # [l, b, n, t, h]
     h = n * g[:, None, None].astype(self.dtype) + b[:, None, None].astype(self.dtype)
     return (h if self.style == 'reference' else None), qkv
+
+
+  def _fused_last_fc2(self, residual, hidden):
+    """sum_i (residual_i + hidden_i @ W2_i + b2_i) as one matmul over the concatenated
+    hidden axis: [batch, branches x mlp] @ [branches x mlp, D]. Both inputs come pooled: fc2
+    is linear, so pooling first is exact (with mean pooling it saves fc2 on every token)."""
+    fc2 = self.variables['params']['branch'][f'block{self.depth - 1}']['mlp']['fc2']
+    w, b = (fc2[k].astype(self.dtype) for k in ('kernel', 'bias'))
+    return residual.sum(axis=0) + jnp.einsum('lbh,lhd->bd', hidden, w) + b.sum(axis=0)
 
 
 # Above this size of one branch's MLP activations, 'auto' on CPU runs branches strictly one
@@ -299,16 +384,17 @@ class ParaFormer(nn.Module):
     self.branches = stack(self.num_branches)
     self.head = Head(self.num_classes, self.dtype)
 
-  def pooled_branch_outputs(self, images, train: bool = False):
-    """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D]."""
+  def pooled_branch_outputs(self, images, train: bool = False, summed: bool = False):
+    """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D], or
+    with `summed` of their sums over branches, [batch, D]."""
     tokens = self.embed(images, not train)
     stacks = [self.branches] if self.frozen_branches is None else [self.frozen_branches,
                                                                     self.branches]
-    return [s(tokens, not train) for s in stacks]
+    return [s(tokens, not train, summed) for s in stacks]
 
   def __call__(self, images, train: bool = False):
     """Logits of the full model, [batch, classes]."""
-    pooled = sum(p.sum(axis=0) for p in self.pooled_branch_outputs(images, train))
+    pooled = sum(self.pooled_branch_outputs(images, train, summed=True))
     if self.branch_axis is not None:
       pooled = jax.lax.psum(pooled, self.branch_axis)
     return self.head(pooled)
