@@ -89,7 +89,7 @@ def _attention(q, k, v):
 
   jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where a backend
   has them. XLA:CPU has none; there plain einsums in this layout run about 2x faster
-  (benchmarks/model_throughput.py), so the CPU takes that path.
+  (docs/benchmarks.md, "Where the time goes"), so the CPU takes that path.
   """
   if jax.default_backend() != 'cpu':
     t = lambda a: a.transpose(0, 2, 1, 3)  # dot_product_attention wants [b, tokens, heads, h]

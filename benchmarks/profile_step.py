@@ -1,0 +1,108 @@
+"""Where a training step's (or a forward pass's) time goes, op by op, on this backend.
+
+Traces a few calls with jax.profiler and sums the time of every compiled op, grouped by the
+kind of op, its output shape and the model code that produced it (XLA's op_name metadata).
+The times are summed over the executor's threads, so on a 2-core CPU they add up to about
+twice the wall time per call. This is how the qkv derivative and the GELU of
+paraformer_jax/model.py were found (docs/benchmarks.md).
+
+  .venv/bin/python benchmarks/profile_step.py                    # 8x2 training step, batch 64
+  .venv/bin/python benchmarks/profile_step.py --mode=infer --batch=1
+"""
+import argparse
+import collections
+import glob
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from model_throughput import make_train_step
+from paraformer_jax.model import ParaFormer
+
+
+def op_times(trace_dir, calls):
+  """{op name: seconds per call} over every thread of the trace."""
+  path = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)[0]
+  totals = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      if line.name == 'python':
+        continue
+      for event in line.events:
+        totals[event.name] += event.duration_ns / 1e9 / calls
+  return totals
+
+
+def op_labels(hlo_text):
+  """{op name: (output shape, model code)} from a compiled module's HLO text."""
+  labels = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name="([^"]*)"', hlo_text,
+                       re.M):
+    code = re.sub(r'^jit\([^)]*\)/|ParaFormer\.pooled_branch_outputs/|branches/'
+                  r'|closed_call/|branch\.<lambda>/|(vmap\()?branch\)?/', '', m.group(3))
+    labels[m.group(1)] = (m.group(2), re.sub(r'block\d+', 'blockN', code))
+  return labels
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--mode', default='train', choices=['train', 'infer'])
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--branches', type=int, default=8)
+  parser.add_argument('--depth', type=int, default=2)
+  parser.add_argument('--strategy', default='auto')
+  parser.add_argument('--calls', type=int, default=3)
+  parser.add_argument('--top', type=int, default=25)
+  args = parser.parse_args()
+
+  model = ParaFormer(num_classes=10, num_branches=args.branches, branch_depth=args.depth,
+                     branch_strategy=args.strategy)
+  images = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
+  labels = jnp.arange(args.batch) % 10
+  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  if args.mode == 'train':
+    tx = optax.adam(1e-4)
+    step = make_train_step(model, tx)
+    state = [params, tx.init(params)]
+    hlo = step.lower(*state, images, labels).compile().as_text()
+
+    def call():
+      state[:] = step(*state, images, labels)
+      return state[0]
+  else:
+    infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    hlo = infer.lower(params, images).compile().as_text()
+    call = lambda: infer(params, images)
+  for _ in range(2):
+    jax.block_until_ready(call())  # compile, warm up
+  start = time.perf_counter()
+  for _ in range(args.calls):
+    jax.block_until_ready(call())
+  wall = (time.perf_counter() - start) / args.calls
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.calls):
+        jax.block_until_ready(call())
+    times = op_times(trace_dir, args.calls)
+
+  labels = op_labels(hlo)
+  groups, counts = collections.Counter(), collections.Counter()
+  for name, seconds in times.items():
+    if name in labels:
+      key = (re.sub(r'\.\d+$', '', name),) + labels[name]
+      groups[key] += seconds
+      counts[key] += 1
+  print(f'{args.branches}x{args.depth} {args.strategy}, {args.mode} at batch {args.batch}: '
+        f'{1e3 * wall:.1f} ms per call (untraced); ops below sum '
+        f'{1e3 * sum(groups.values()):.0f} ms of thread time per call')
+  print('| ms per call | ops | kind | output | model code |\n|---|---|---|---|---|')
+  for (kind, shape, code), seconds in groups.most_common(args.top):
+    print(f'| {1e3 * seconds:.1f} | {counts[kind, shape, code]} | {kind} | {shape} | {code} |')
+
+
+if __name__ == '__main__':
+  main()
