@@ -267,7 +267,6 @@ class BranchStack(nn.Module):
     h = n * g[:, None, None].astype(self.dtype) + b[:, None, None].astype(self.dtype)
     return (h if self.style == 'reference' else None), qkv
 
-
   def _fused_last_fc2(self, residual, hidden):
     """sum_i (residual_i + hidden_i @ W2_i + b2_i) as one matmul over the concatenated
     hidden axis: [batch, branches x mlp] @ [branches x mlp, D]. Both inputs come pooled: fc2
