@@ -1,4 +1,5 @@
 """The model against independent computations: a numpy block, a loop over branches, slices."""
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -243,8 +244,15 @@ def test_auto_strategy_rule_on_cpu():
 def test_qkv_kernel_starts_as_a_dense_general_would():
   """Checkpoints and seeds from before `project_qkv` keep their meaning: same name, shape
   and initial values as the nn.DenseGeneral it replaced."""
-  import flax.linen as nn
   key, x = jax.random.key(7), jnp.zeros((1, 5, 64))
   dense = nn.DenseGeneral((3, 2, 64), use_bias=False).init(key, x)['params']
   ours = model_lib.QkvKernel((64, 3, 2, 64)).init(key)['params']
   np.testing.assert_array_equal(ours['kernel'], dense['kernel'])
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  """model.gelu (erf form, for speed) against float64 x * Phi(x), the authors' nn.GELU()."""
+  from scipy.special import erf
+  x = np.linspace(-10, 10, 20001, dtype=np.float32)
+  want = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+  np.testing.assert_allclose(np.asarray(jax.jit(model_lib.gelu)(x)), want, rtol=0, atol=2e-6)
