@@ -58,17 +58,21 @@ def test_sharded_equals_unsharded(small_model, small_params, images, data, branc
 @pytest.mark.parametrize('strategy', ['scan', 'unrolled', 'fused'])
 def test_strategies_under_shard_map_equal_unsharded_vmap(small_model, small_params, images,
                                                         strategy):
-  """Each device runs its 2 local branches with the strategy, then the psum."""
+  """Each device runs its 2 local branches with the strategy, then the psum. The loss
+  counts every prefix and the full model (which `fused` computes with its fused fc2)."""
   mesh = sharding.make_mesh(2, 4)
   model = small_model.clone(branch_strategy=strategy)
   params = jax.device_put(small_params, sharding.param_shardings(small_params, mesh))
   batch = sharding.global_batch(mesh, images)
   prefix = sharding.sharded_apply(model, mesh, 'prefix_logits')
+  full = sharding.sharded_apply(model, mesh)
   flat = lambda logits: _loss(logits.reshape(-1, logits.shape[-1]))  # every prefix counts
-  got, got_grads = jax.jit(jax.value_and_grad(lambda p: flat(prefix(p, batch))))(params)
+  got, got_grads = jax.jit(jax.value_and_grad(
+      lambda p: flat(prefix(p, batch)) + _loss(full(p, batch))))(params)
   vmap = small_model.clone(branch_strategy='vmap')
   want, want_grads = jax.value_and_grad(lambda p: flat(vmap.apply(
-      {'params': p}, images, method=ParaFormer.prefix_logits)))(small_params)
+      {'params': p}, images, method=ParaFormer.prefix_logits)) + _loss(vmap.apply(
+          {'params': p}, images)))(small_params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   _assert_trees_close(got_grads, want_grads, rtol=1e-4)
 
