@@ -69,15 +69,19 @@ def make_train_step(model, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def adam_training(model, images):
+  """(jitted Adam step, [initial params, optimizer state]) for images of this shape."""
+  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  tx = optax.adam(1e-4)
+  return make_train_step(model, tx), [params, tx.init(params)]
+
+
 def model_calls(model, args):
   """No-argument calls: a training step at --batch, inference at --batch and at batch 1."""
   shape = (args.image_size, args.image_size, 3)
   images = jax.random.normal(jax.random.key(0), (args.batch, *shape))
   labels = jnp.arange(args.batch) % model.num_classes
-  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-  tx = optax.adam(1e-4)
-  step = make_train_step(model, tx)
-  state = [params, tx.init(params)]
+  step, state = adam_training(model, images)
 
   def train():  # threads the donated buffers through the repeats
     state[:] = step(*state, images, labels)

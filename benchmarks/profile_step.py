@@ -18,9 +18,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from model_throughput import make_train_step
+from model_throughput import adam_training
 from paraformer_jax.model import ParaFormer
 
 
@@ -63,11 +62,8 @@ def main():
                      branch_strategy=args.strategy)
   images = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
   labels = jnp.arange(args.batch) % 10
-  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  step, state = adam_training(model, images)
   if args.mode == 'train':
-    tx = optax.adam(1e-4)
-    step = make_train_step(model, tx)
-    state = [params, tx.init(params)]
     hlo = step.lower(*state, images, labels).compile().as_text()
 
     def call():
@@ -75,8 +71,8 @@ def main():
       return state[0]
   else:
     infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    hlo = infer.lower(params, images).compile().as_text()
-    call = lambda: infer(params, images)
+    hlo = infer.lower(state[0], images).compile().as_text()
+    call = lambda: infer(state[0], images)
   for _ in range(2):
     jax.block_until_ready(call())  # compile, warm up
   start = time.perf_counter()
