@@ -18,7 +18,7 @@ import optax
 
 from configs import cifar10, digits
 from model_throughput import timed
-from paraformer_jax import optim, sharding, steps, train
+from paraformer_jax import optim, run_state, sharding, steps, train
 
 CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
 
@@ -52,7 +52,7 @@ def main():
   size = config.data.image_size
   batch = {'image': jax.random.normal(jax.random.key(1), (batch_size, size, size, channels)),
            'label': jnp.arange(batch_size) % config.data.num_classes}
-  model = train.build_model(config)
+  model = run_state.build_model(config)
   L = model.num_branches
   print(f'{args.config}: {size}px, L={L}, M={model.branch_depth}, D={model.width}, '
         f'batch {batch_size}, backend {jax.default_backend()}')

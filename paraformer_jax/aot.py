@@ -1,14 +1,21 @@
-"""Ahead-of-time check: compile one train step for a config and mesh, with no data, no training.
+"""Ahead-of-time check: compile one train step for a config and its target, with no data.
 
-  python -m paraformer_jax.aot --config=configs/imagenet.py --devices=64
+  python -m paraformer_jax.aot --config=configs/imagenet.py --topology=v5e:4x4
+  python -m paraformer_jax.aot --config=configs/imagenet.py --topology=v4:2x2x2 --max_batch
   python -m paraformer_jax.aot --config=configs/cifar10.py --config.mesh.branch=4 --devices=8
 
-Prints the per-device memory of the compiled step (arguments, outputs, temporaries) and its
-FLOPs, so that a sharding error or an obvious out-of-memory shows up before paying for a pod.
-`--devices=N` builds the mesh from N fake CPU devices: shapes, shardings and the errors they
-raise are those of the real run; memory and FLOPs are XLA:CPU's estimates, a guide for
-GPU/TPU rather than a promise. Without it, the machine's own devices are used.
+`--topology` compiles with the real TPU compiler (libtpu's topology descriptions need no
+TPU: `pip install 'jax[tpu]==<this jax>'`), for every chip of a slice: shapes, shardings,
+the branch strategy and attention the TPU runs, and an exact per-chip memory figure, set
+against the chip's HBM for a fits / does-not-fit verdict. `--max_batch` also finds the
+largest global batch that fits (memory is affine in the batch: two compiles give the line,
+a third checks the answer). `--devices=N` compiles for N CPU stand-ins instead: shapes and
+shardings are the real run's, memory is XLA:CPU's. Without either, this machine's devices.
+
+XLA's FLOP count for a TPU program counts loop bodies once and its 'optimal_seconds' is not
+a time: neither is reported as a step time.
 """
+import importlib.util
 import os
 import sys
 
@@ -17,31 +24,69 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
+# HBM per chip (GiB), by the device_kind JAX reports (Cloud TPU documentation).
+CHIP_HBM_GIB = {'TPU v2': 16, 'TPU v3': 32, 'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95,
+                'TPU v6 lite': 32, 'TPU7x': 192}
+TOPOLOGY_EXAMPLES = 'v5e:2x2, v5e:4x4, v4:2x2x1, v4:2x2x2, v5p:2x2x1, v6e:2x2'
+
 
 def define_flags():
   """Only when run as a program: importing this module defines no flags."""
   config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                   lock_config=True)
+  flags.DEFINE_string('topology', None, f'Compile for this TPU slice ({TOPOLOGY_EXAMPLES}).')
+  flags.DEFINE_bool('max_batch', False, 'Also find the largest global batch that fits.')
   flags.DEFINE_integer('devices', 0, 'Compile for this many fake CPU devices (0: real devices).')
   flags.DEFINE_integer('channels', 3, 'Image channels.')
   flags.mark_flags_as_required(['config'])
 
 
-def compile_train_step(config, channels: int = 3):
-  """Lowers and compiles the heaviest train step of `config` on its mesh; returns figures."""
+def tpu_devices(topology: str):
+  """The devices of a TPU slice, from libtpu's description of it (no TPU needed)."""
+  if importlib.util.find_spec('libtpu') is None:
+    import jax
+    raise ImportError(f'--topology needs libtpu, the TPU compiler: pip install '
+                      f'"jax[tpu]=={jax.__version__}"')
+  import jax
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f'--topology={topology!r}: libtpu does not know it ('
+                     f'{str(e).splitlines()[0]}). Write GENERATION:CHIPS, with the chips of '
+                     f'the slice as AxB (v5e, v6e) or AxBxC (v4, v5p) in multiples of the '
+                     f'chips per host, e.g. {TOPOLOGY_EXAMPLES}.') from e
+
+
+def chip_hbm_bytes(devices, topology: str) -> int | None:
+  """HBM of one device: the chip's, shared by the devices (cores) on it."""
+  gib = CHIP_HBM_GIB.get(devices[0].device_kind)
+  if gib is None:
+    return None
+  chips = 1
+  for n in topology.split(':')[-1].split('x'):
+    chips *= int(n)
+  return gib * 2**30 * chips // len(devices)
+
+
+def compile_train_step(config, channels: int = 3, devices=None, batch: int | None = None):
+  """Lowers and compiles the heaviest train step of `config` on its mesh over `devices`
+  (default: this machine's); returns the lowered program's text and the figures."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from paraformer_jax import optim, sharding, steps, train
+  from paraformer_jax import optim, run_state, sharding, steps, train
 
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices)
+  batch = batch or config.training.batch_size
   train.check_config(config, mesh)
-  plan = train.StagePlan(config, steps_per_epoch=1000)
+  sharding.check_divisible(run_state.build_model(config), mesh, batch)
+  plan = run_state.StagePlan(config, steps_per_epoch=1000)
   stage = plan.num_stages - 1  # stagewise: the last stage holds the most branches
   tx = optim.make_tx(config.training, plan.steps_per_epoch)
-  size, batch = config.data.image_size, config.training.batch_size
-  state = train.abstract_state(plan, tx, mesh, stage, (size, size, channels))
+  size = config.data.image_size
+  state = run_state.abstract_state(plan, tx, mesh, stage, (size, size, channels))
   data = NamedSharding(mesh, P('data'))
   images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32, sharding=data)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
@@ -49,28 +94,78 @@ def compile_train_step(config, channels: int = 3):
   step = steps.make_train_step(model, mesh, tx, config.training.mode, plan.frozen_keys(stage),
                                config.training.clip_norm)
   lpa_pass = config.training.mode == 'lpa'  # its LPA step is the heaviest
-  compiled = step.lower(state, {'image': images, 'label': labels}, lpa_pass=lpa_pass).compile()
+  lowered = step.lower(state, {'image': images, 'label': labels}, lpa_pass=lpa_pass)
+  compiled = lowered.compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+          memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {
-      'mesh': dict(mesh.shape), 'devices': mesh.size, 'stage': stage,
+      'mesh': dict(mesh.shape), 'devices': mesh.size, 'stage': stage, 'batch': batch,
+      'platform': mesh.devices.flat[0].platform, 'device_kind': mesh.devices.flat[0].device_kind,
       'argument_bytes': memory.argument_size_in_bytes,
       'output_bytes': memory.output_size_in_bytes,
+      'alias_bytes': memory.alias_size_in_bytes,
       'temp_bytes': memory.temp_size_in_bytes,
+      'peak_bytes': peak,
       'flops': float(cost.get('flops', float('nan'))) if cost else float('nan'),
+      'program': lowered.as_text(debug_info=True),
   }
+
+
+MAX_BATCH_PER_DEVICE = 2**16  # a search bound (tiny models fit millions): "at least this"
+
+
+def largest_batch(config, capacity: int, channels: int = 3, devices=None) -> tuple[int, dict]:
+  """(largest global batch whose step fits in `capacity` bytes per device, its figures),
+  searched up to MAX_BATCH_PER_DEVICE examples per device on the data axis.
+
+  Per-device memory is affine in the batch (state and program fixed, activations per
+  example): compiles at two batches give the line; the answer is then compiled to check,
+  and stepped down while it does not fit.
+  """
+  from paraformer_jax import sharding
+  unit = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices).shape['data']
+  small, big = unit, 4 * unit
+  m_small, m_big = (compile_train_step(config, channels, devices, b)['peak_bytes']
+                    for b in (small, big))
+  per_example = max((m_big - m_small) / (big - small), 1.0)
+  batch = int((capacity - m_small) / per_example + small) // unit * unit
+  batch = min(max(batch, unit), MAX_BATCH_PER_DEVICE * unit)
+  while True:
+    result = compile_train_step(config, channels, devices, batch)
+    if result['peak_bytes'] <= capacity or batch == unit:
+      return batch, result
+    batch = max(unit, (int(batch * 0.95) // unit) * unit)
 
 
 def main(argv):
   del argv
-  result = compile_train_step(FLAGS.config, FLAGS.channels)
+  devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None
+  result = compile_train_step(FLAGS.config, FLAGS.channels, devices)
   gib = lambda b: f'{b / 2**30:.3f} GiB'
-  print(f'compiled one {FLAGS.config.training.mode} train step (stage {result["stage"]}) on '
-        f'mesh {result["mesh"]} ({result["devices"]} devices)')
+  print(f'compiled one {FLAGS.config.training.mode} train step (stage {result["stage"]}, '
+        f'global batch {result["batch"]}) for {result["devices"]} x {result["device_kind"]} on '
+        f'mesh {result["mesh"]}')
   print(f'per device: arguments {gib(result["argument_bytes"])}, outputs '
-        f'{gib(result["output_bytes"])}, temporaries {gib(result["temp_bytes"])}')
-  print(f'FLOPs per step (per device, XLA estimate): {result["flops"]:.3e}')
+        f'{gib(result["output_bytes"])} ({gib(result["alias_bytes"])} of them reusing donated '
+        f'arguments), temporaries {gib(result["temp_bytes"])}; peak {gib(result["peak_bytes"])}')
+  if not FLAGS.topology:
+    print(f'FLOPs per step (per device, XLA estimate): {result["flops"]:.3e}')
+    return
+  capacity = chip_hbm_bytes(devices, FLAGS.topology)
+  if capacity is None:
+    print(f'HBM of {result["device_kind"]} unknown: no verdict.')
+    return
+  fits = result['peak_bytes'] <= capacity
+  print(f'HBM per device {gib(capacity)}: {"FITS" if fits else "DOES NOT FIT"} '
+        f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
+  if FLAGS.max_batch:
+    batch, best = largest_batch(FLAGS.config, capacity, FLAGS.channels, devices)
+    bound = MAX_BATCH_PER_DEVICE * best['mesh']['data']
+    print(f'largest global batch that fits: {"at least " if batch == bound else ""}{batch} '
+          f'(peak {gib(best["peak_bytes"])} per device)')
 
 
 if __name__ == '__main__':
@@ -81,4 +176,6 @@ if __name__ == '__main__':
       os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_'
                                  f'device_count={arg.split("=", 1)[1]}')
       os.environ['JAX_PLATFORMS'] = 'cpu'
+    if arg.startswith('--topology'):
+      os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the TPU, run nothing on it
   app.run(main)

@@ -8,11 +8,13 @@ directory and renames it when complete, so a half-written checkpoint is never li
 from __future__ import annotations
 
 import contextlib
-import os
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from paraformer_jax import storage
 
 BEST_METRIC = 'val_accuracy'
 
@@ -24,7 +26,9 @@ class CheckpointWriteError(OSError):
 class Checkpoints:
   """The last `keep` checkpoints plus (if `keep_best`) the best one by validation accuracy."""
 
-  def __init__(self, directory: str, keep: int | None = 3, keep_best: bool = True):
+  def __init__(self, directory, keep: int | None = 3, keep_best: bool = True,
+               create: bool = True):
+    """`directory`: local or remote (gs://...); `create=False` for a run only read from."""
     policies = [pp.LatestN(keep)]
     best = {}
     if keep_best:
@@ -33,8 +37,8 @@ class Checkpoints:
       # best_fn makes Orbax write the metrics to disk, so the best survives restarts.
       best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode='max')
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies), create=True, **best)
-    self.directory = os.path.abspath(directory)
+        preservation_policy=pp.AnyPreservationPolicy(policies), create=create, **best)
+    self.directory = storage.path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -103,10 +107,14 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))['state']
 
-  def restore_params(self, step: int) -> dict:
-    """The saved parameters as they were written, with no target (for another run's use)."""
+  def restore_params(self, step: int, mesh) -> dict:
+    """The saved parameters, whatever run wrote them, replicated over `mesh` (for another
+    run's use: its mesh may not split the saved stacks the way the writer's did)."""
+    replicated = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                          self._manager.item_metadata(step)['state'])
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']['params']
+        state=ocp.args.StandardRestore(target)))['state']['params']
 
   def wait(self):
     with self._write_errors_explained():

@@ -17,7 +17,6 @@ parameters it has. The output workdir evaluates like any run:
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import input_pipeline, sharding, train
+from paraformer_jax import input_pipeline, sharding, storage, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
@@ -69,9 +68,11 @@ def greedy_order(trainer, model, params, source):
 def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', baseline=None,
              step=None):
   """Writes the first-k (after `select`) model to `out`; returns the report as a dict."""
-  if os.path.exists(out):
+  train.check_sources(config, workdir)
+  storage.check_access(out, '--out')
+  if storage.path(out).exists():
     raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
-  trainer = train.Trainer(config, workdir)
+  trainer = train.Trainer(config, workdir, create=False)
   step = step or trainer.ckpts.best_step() or trainer.ckpts.latest_step()
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory} to compress.')
@@ -90,12 +91,12 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
           for n in range(model.num_branches)]
   within = next(r['branches'] for r in rows if r['val_accuracy'] >= val[-1] - tolerance)
   k = k or within
-  report = {'source': os.path.abspath(workdir), 'step': step, 'select': select,
+  report = {'source': str(storage.path(workdir)), 'step': step, 'select': select,
             'order': order, 'kept': order[:k], 'k': k, 'smallest_k_within_tolerance': within,
             'tolerance': tolerance, 'rows': rows}
   if baseline:
-    with open(os.path.join(baseline, 'final_prefix_accuracy.json')) as f:
-      base = json.load(f)['prefixes'][-1]
+    base = json.loads((storage.path(baseline) / 'final_prefix_accuracy.json').read_text())[
+        'prefixes'][-1]
     match = next((r for r in rows if r['test_accuracy'] >= base['accuracy']), None)
     report['baseline'] = {'params': base['params'], 'test_accuracy': base['accuracy'],
                           'matching_k': match and match['branches'],
@@ -112,18 +113,19 @@ def _write(config, trainer, out, params, kept, step, report):
     small.training.mode = 'joint'  # the compressed model is one stack, no stages
   small.training.branches_per_stage = 1
   small.init_from = ''
-  os.makedirs(out)
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    f.write(small.to_json_best_effort(indent=1))
-  with open(os.path.join(out, 'config.py'), 'w') as f:  # for --config=OUT/config.py
-    f.write('"""The compressed model\'s config (written by paraformer_jax.compress)."""\n'
-            'import json, os\nimport ml_collections\n\n\ndef get_config():\n'
-            '  path = os.path.join(os.path.dirname(__file__), "config.json")\n'
-            '  return ml_collections.ConfigDict(json.load(open(path)))\n')
-  with open(os.path.join(out, 'compression.json'), 'w') as f:
-    json.dump(report, f, indent=1)
+  out = storage.path(out)
+  out.mkdir(parents=True)
+  as_json = small.to_json_best_effort(indent=1)
+  storage.write_atomic(out / 'config.json', as_json)
+  # For --config=OUT/config.py; self-contained, so that a copy of it works anywhere (absl
+  # reads config files from local disk only: copy it from a bucket first).
+  storage.write_atomic(out / 'config.py', (
+      '"""The compressed model\'s config (written by paraformer_jax.compress)."""\n'
+      'import json\nimport ml_collections\n\n\ndef get_config():\n'
+      f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
+  storage.write_atomic(out / 'compression.json', json.dumps(report, indent=1))
   writer = train.Trainer(small, out)
-  state = writer.initial_state()
+  state = writer.states.initial()
   kept_params = reorder(params, kept)
   state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
       kept_params, sharding.param_shardings(kept_params, writer.mesh)))

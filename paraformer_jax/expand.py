@@ -10,18 +10,17 @@ make it forget, and `forgetting` measures that.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paraformer_jax import checkpoint
+from paraformer_jax import checkpoint, storage
 
 
 def source_layout(workdir: str) -> tuple[int, int]:
   """(branches, frozen ones included; classes) of the run in `workdir`, from metadata."""
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=None)
+  ckpts = checkpoint.Checkpoints(storage.path(workdir) / 'checkpoints', keep=None,
+                                 create=False)
   step = ckpts.latest_step()
   if step is None:
     raise FileNotFoundError(f'config.expand_from={workdir!r} holds no checkpoint in '
@@ -38,16 +37,20 @@ def expanded_params(pretrained, fresh):
   if new < old:
     raise ValueError(f'config.data.num_classes={new} is below the {old} classes of '
                      f'config.expand_from; expansion keeps every old class.')
-  out = {k: np.array(v) for k, v in fresh['head']['out'].items()}  # the new rows: fresh
-  out['kernel'][:, :old] = pretrained['head']['out']['kernel']
-  out['bias'][:old] = pretrained['head']['out']['bias']
+  # The old classes' rows from the old run, the new ones fresh.
+  out = {k: jnp.concatenate([pretrained['head']['out'][k], v[..., old:]], axis=-1)
+         for k, v in fresh['head']['out'].items()}
   head = {'norm': pretrained['head']['norm'], 'out': out}
   return {**fresh, 'embed': pretrained['embed'], 'frozen_branches': pretrained['branches'],
           'head': head}
 
 
 def head_update_mask(head, old: int):
-  """1 where the head may change (the new classes' rows), 0 elsewhere."""
-  new_rows = lambda a: (jnp.arange(a.shape[-1]) >= old).astype(a.dtype) * jnp.ones_like(a)
-  return {'norm': jax.tree.map(jnp.zeros_like, head['norm']),
+  """1 where the head may change (the new classes' rows), 0 elsewhere.
+
+  Host arrays made from shapes alone: the train step holds them as constants, which a
+  global array spanning processes cannot be.
+  """
+  new_rows = lambda a: np.broadcast_to(np.arange(a.shape[-1]) >= old, a.shape).astype(a.dtype)
+  return {'norm': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), head['norm']),
           'out': jax.tree.map(new_rows, head['out'])}

@@ -6,25 +6,29 @@ optimizer starts afresh.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from absl import logging
 
-from paraformer_jax import checkpoint
+from paraformer_jax import checkpoint, storage
 from paraformer_jax.model import merge_frozen_params
 
 
-def load_pretrained(workdir: str):
-  """(params, step) of a run's best checkpoint (by validation accuracy), else its latest."""
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=None)
+def load_pretrained(workdir: str, mesh):
+  """(params, step) of a run's best checkpoint (by validation accuracy), else its latest.
+
+  The parameters are replicated over `mesh` (this run's, whatever the other run's was) and
+  a stagewise run's frozen branches are joined to the others in one stack, frozen first.
+  """
+  ckpts = checkpoint.Checkpoints(storage.path(workdir) / 'checkpoints', keep=None,
+                                 create=False)
   step = ckpts.best_step() or ckpts.latest_step()
   if step is None:
-    raise FileNotFoundError(f'config.init_from={workdir!r} holds no checkpoint in '
-                            f'{ckpts.directory}; point it at the workdir of a trained run.')
-  # A stagewise run saves its frozen branches apart: one stack, frozen branches first.
-  return merge_frozen_params(ckpts.restore_params(step)), step
+    raise FileNotFoundError(f'{workdir!r} (config.init_from or config.expand_from) holds no '
+                            f'checkpoint in {ckpts.directory}; point it at the workdir of a '
+                            f'trained run.')
+  params = ckpts.restore_params(step, mesh)
+  return jax.jit(merge_frozen_params)(params), step
 
 
 def transfer(pretrained, fresh):

@@ -7,6 +7,7 @@ freezing some and appending new ones are array operations on the leading branch 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -29,20 +30,21 @@ class Attention(nn.Module):
   num_heads: int
   dropout: float
   dtype: Any
+  platform: str | None = None  # of the devices it runs on; None: JAX's default backend
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, num_queries=None, qkv=None):
+  def __call__(self, x, deterministic: bool, num_queries=None, qkv=None, noise=None):
     """`num_queries`: only the first tokens ask (keys and values still come from all).
     `qkv`: (q, k, v), each [batch, heads, tokens, head_dim], computed by the caller (the
-    fused branch stack), skipping ours."""
+    fused branch stack), skipping ours. `noise`: see `Dropout`."""
     if qkv is None:
       kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), name='qkv')()
       qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype))
     q, k, v = qkv
-    y = _attention(q[:, :, :num_queries], k, v)
+    y = _attention(q[:, :, :num_queries], k, v, self.platform)
     y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(
         y.transpose(0, 2, 1, 3))
-    return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return Dropout(self.dropout)(y, deterministic, noise)
 
 
 @jax.custom_jvp
@@ -84,19 +86,53 @@ class QkvKernel(nn.Module):
     return self.param('kernel', _dense_general_init, self.shape)
 
 
-def _attention(q, k, v):
-  """Softmax attention on [batch, heads, tokens, head_dim] inputs.
+def _attention(q, k, v, platform=None):
+  """Softmax attention on [batch, heads, tokens, head_dim] inputs, for devices of `platform`
+  (the target of the compile, which need not be this host's backend).
 
   jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where a backend
   has them. XLA:CPU has none; there plain einsums in this layout run about 2x faster
-  (docs/benchmarks.md, "Where the time goes"), so the CPU takes that path.
+  (docs/benchmarks.md, "Where the time goes"), so the CPU takes that path. The named scopes
+  show in the compiled program which path was taken.
   """
-  if jax.default_backend() != 'cpu':
-    t = lambda a: a.transpose(0, 2, 1, 3)  # dot_product_attention wants [b, tokens, heads, h]
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
-  scores = jnp.einsum('bnqh,bnkh->bnqk', q * (q.shape[-1] ** -0.5), k)
-  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum('bnqk,bnkh->bnqh', weights, v)
+  if (platform or jax.default_backend()) != 'cpu':
+    with jax.named_scope('attention_dot_product'):
+      t = lambda a: a.transpose(0, 2, 1, 3)  # it wants [b, tokens, heads, h]
+      return t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
+  with jax.named_scope('attention_einsum'):
+    scores = jnp.einsum('bnqh,bnkh->bnqk', q * (q.shape[-1] ** -0.5), k)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum('bnqk,bnkh->bnqh', weights, v)
+
+
+class Dropout(nn.Module):
+  """Dropout whose masks do not depend on how the batch and the branches are laid out over
+  devices, nor on the branch strategy: an example's mask comes from one key for the whole
+  model folded with this layer's name, the example's row in the *global* batch and, inside a
+  branch, the branch's index in the *whole* stack. So a training step on a 1x8, 2x4 or 8x1
+  mesh, or on one device, draws the same masks.
+
+  `noise` = (key, rows [batch] int32, branch: scalar int32 or None), from `ParaFormer`; None
+  (a block used on its own): the 'dropout' key, rows 0..batch-1, no branch. The key is
+  passed in rather than drawn here because Flax's lifted scan and vmap derive different keys
+  for the same layer.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool, noise=None):
+    if deterministic or self.rate == 0:
+      return x
+    if noise is None:
+      noise = (self.make_rng('dropout'), jnp.arange(x.shape[0]), None)
+    key, rows, branch = noise
+    # The layer's name, not Flax's call counter: the same in every branch strategy.
+    key = jax.random.fold_in(key, zlib.crc32('/'.join(self.scope.path).encode()) & 0x7FFFFFFF)
+    if branch is not None:
+      key = jax.random.fold_in(key, branch)
+    keep = jax.vmap(lambda row: jax.random.bernoulli(
+        jax.random.fold_in(key, row), 1.0 - self.rate, x.shape[1:]))(rows)
+    return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
 
 
 def gelu(x):
@@ -115,14 +151,14 @@ class Mlp(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, hidden_only: bool = False):
+  def __call__(self, x, deterministic: bool, hidden_only: bool = False, noise=None):
     """`hidden_only`: stop before fc2 (the fused branch stack applies it to all branches)."""
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(x)
-    y = nn.Dropout(self.dropout)(gelu(y), deterministic=deterministic)
+    y = Dropout(self.dropout)(gelu(y), deterministic, noise)
     if hidden_only:
       return y
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y)
-    return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return Dropout(self.dropout)(y, deterministic, noise)
 
 
 class Block(nn.Module):
@@ -145,23 +181,25 @@ class Block(nn.Module):
   dropout: float
   style: str
   dtype: Any
+  platform: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool, cls_only: bool = False, first=None,
-               defer_fc2: bool = False):
+               defer_fc2: bool = False, noise=None):
     h, qkv = (None, None) if first is None else first
     if h is None and (qkv is None or self.style == 'reference'):
       h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
     queries = 1 if cls_only else None
     # Given qkv, attention reads only the width of its input.
-    y = Attention(self.num_heads, self.dropout, self.dtype, name='attn')(
-        x if h is None else h, deterministic, queries, qkv)
+    y = Attention(self.num_heads, self.dropout, self.dtype, self.platform, name='attn')(
+        x if h is None else h, deterministic, queries, qkv, noise)
     if cls_only:
       x, h = x[:, :1], (None if h is None else h[:, :1])
     x = y + (h if self.style == 'reference' else x)
     h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
     residual = h if self.style == 'reference' else x
-    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic, defer_fc2)
+    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic, defer_fc2,
+                                                               noise)
     return (residual, y) if defer_fc2 else y + residual
 
 
@@ -179,16 +217,20 @@ class Branch(nn.Module):
   style: str
   pool: str
   dtype: Any
+  platform: str | None = None
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, first=None, defer_fc2: bool = False):
+  def __call__(self, x, deterministic: bool, first=None, defer_fc2: bool = False,
+               noise=None):
     """`first`, `defer_fc2`: see `Block`; the fused stack's start of block 0 and its
-    end of the last block, for which this returns (pooled residual, pooled MLP hidden)."""
+    end of the last block, for which this returns (pooled residual, pooled MLP hidden).
+    `noise`: see `Dropout`."""
     for i in range(self.depth):
       last = i == self.depth - 1
       x = Block(self.num_heads, self.mlp_dim, self.dropout, self.style, self.dtype,
-                name=f'block{i}')(x, deterministic, last and self.pool == 'cls',
-                                  first if i == 0 else None, last and defer_fc2)
+                self.platform, name=f'block{i}')(
+                    x, deterministic, last and self.pool == 'cls', first if i == 0 else None,
+                    last and defer_fc2, noise)
     if defer_fc2:
       return tuple(pool_tokens(a, self.pool) for a in x)
     return pool_tokens(x, self.pool)
@@ -211,7 +253,7 @@ class BranchStack(nn.Module):
       with each branch's LayerNorm scale and bias folded into its weights (exact algebra);
       and, when only the sum is wanted, every branch's last fc2 and the sum over branches
       are one matmul over the concatenated hidden axis (`_fused_last_fc2`);
-    'auto': `auto_strategy` picks one from the backend and the work per branch.
+    'auto': `auto_strategy` picks one from the target platform and the work per branch.
   """
   num_branches: int
   depth: int
@@ -222,29 +264,44 @@ class BranchStack(nn.Module):
   pool: str
   dtype: Any
   strategy: str = 'vmap'
+  platform: str | None = None  # of the devices it runs on; None: JAX's default backend
 
   @nn.compact
-  def __call__(self, tokens, deterministic: bool, summed: bool = False):
+  def __call__(self, tokens, deterministic: bool, summed: bool = False, noise=None):
+    """`noise` = (key, rows [batch], branch indices [num_branches]) for `Dropout`; None: the
+    'dropout' key, rows 0..batch-1, branches 0..num_branches-1."""
+    if noise is None:
+      key = None if deterministic or not self.dropout else self.make_rng('dropout')
+      noise = (key, jnp.arange(tokens.shape[0]), jnp.arange(self.num_branches))
+    key, rows, branch_ids = noise
     branch_args = (self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
-                   self.pool, self.dtype)
-    stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True})
+                   self.pool, self.dtype, self.platform)
+    stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True})
     strategy = self.strategy
     if strategy == 'auto':
       strategy = auto_strategy(self.num_branches, tokens.shape[0] * tokens.shape[1],
-                               self.mlp_dim * jnp.dtype(self.dtype).itemsize)
+                               self.mlp_dim * jnp.dtype(self.dtype).itemsize, self.platform)
+    with jax.named_scope(f'branches_{strategy}'):
+      out = self._run(strategy, branch_args, stacked, tokens, deterministic, summed, key,
+                      rows, branch_ids)
+    return out
+
+  def _run(self, strategy, branch_args, stacked, tokens, deterministic, summed, key, rows,
+           branch_ids):
     if strategy in ('scan', 'unrolled'):
-      body = lambda branch, carry, t, d: (carry, branch(t, d))
-      branches = nn.scan(body, in_axes=(nn.broadcast, nn.broadcast),
+      body = lambda branch, carry, t, d, k, r, b: (carry, branch(t, d, noise=(k, r, b)))
+      branches = nn.scan(body, in_axes=(nn.broadcast,) * 4 + (0,),
                          length=self.num_branches, unroll=strategy == 'unrolled', **stacked)
-      out = branches(Branch(*branch_args, name='branch'), None, tokens, deterministic)[1]
+      out = branches(Branch(*branch_args, name='branch'), None, tokens, deterministic, key,
+                     rows, branch_ids)[1]
       return out.sum(axis=0) if summed else out
-    branches = nn.vmap(Branch, in_axes=(None, None, 0, None), out_axes=0,
+    branches = nn.vmap(Branch, in_axes=(None, None, 0, None, (None, None, 0)), out_axes=0,
                        axis_size=self.num_branches, **stacked)(*branch_args, name='branch')
     fused = strategy == 'fused' and not self.is_initializing()
     first = self._fused_block0_start(tokens) if fused else None
     # fc2 is applied after pooling; dropout on its output per token would not commute.
     fuse_fc2 = fused and summed and (deterministic or self.dropout == 0)
-    out = branches(tokens, deterministic, first, fuse_fc2)
+    out = branches(tokens, deterministic, first, fuse_fc2, (key, rows, branch_ids))
     if fuse_fc2:
       return self._fused_last_fc2(*out)
     return out.sum(axis=0) if summed else out
@@ -282,15 +339,17 @@ class BranchStack(nn.Module):
 SCAN_ABOVE_BYTES = 32 * 2**20
 
 
-def auto_strategy(local_branches: int, tokens_per_branch: int, bytes_per_mlp_row: int) -> str:
-  """The branch strategy 'auto' runs, from the backend and the work per branch.
+def auto_strategy(local_branches: int, tokens_per_branch: int, bytes_per_mlp_row: int,
+                  platform: str | None = None) -> str:
+  """The branch strategy 'auto' runs, from the target platform (default: JAX's backend) and
+  the work per branch.
 
-  Chosen from the measurements in docs/benchmarks.md (a 2-core CPU). Other backends have
+  Chosen from the measurements in docs/benchmarks.md (a 2-core CPU). Other platforms have
   not been measured here: they get 'fused', the batched form accelerators like best.
   """
   if local_branches == 1:
     return 'unrolled'  # one branch: a plain program, no batch axis of size 1
-  if jax.default_backend() != 'cpu':
+  if (platform or jax.default_backend()) != 'cpu':
     return 'fused'
   if tokens_per_branch < 256:
     return 'vmap'  # ~ batch 1-3: one batched op beats a row of tiny ones
@@ -308,7 +367,8 @@ class PatchEmbed(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, images, deterministic: bool):
+  def __call__(self, images, deterministic: bool, noise=None):
+    """`noise`: (key, each image's row in the global batch, None); see `Dropout`."""
     b, h, w, c = images.shape
     p = self.patch_size
     check_patchable(h, w, p)
@@ -322,7 +382,7 @@ class PatchEmbed(nn.Module):
     pos = self.param('pos', init, (1, x.shape[1] + 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
     x = x + pos.astype(x.dtype)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return Dropout(self.dropout)(x, deterministic, noise)
 
 
 class Head(nn.Module):
@@ -343,8 +403,10 @@ class ParaFormer(nn.Module):
   pool(sum) == sum(pool), and under branch sharding the `psum` moves [batch, D] instead of
   [batch, tokens, D]. The same fact gives every prefix of branches from one pass.
 
-  `branch_axis` is set only inside `jax.shard_map` (see `sharding.py`): the module then holds
-  its device's local branches and sums over the mesh axis of that name.
+  `branch_axis` and `data_axis` are set only inside `jax.shard_map` (see `sharding.py`): the
+  module then holds its device's local branches and slice of the batch, and sums over the
+  mesh axis `branch_axis`. `platform` is that of the mesh's devices (the compile target,
+  which may not be this host's): it chooses the attention and branch-stack implementations.
 
   `num_frozen_branches` (stagewise training) puts the first F branches in a stack of their
   own, `params['frozen_branches']`, ahead of the `num_branches` trained ones in
@@ -365,6 +427,8 @@ class ParaFormer(nn.Module):
   branch_strategy: str = 'auto'
   num_frozen_branches: int = 0
   branch_axis: str | None = None
+  data_axis: str | None = None
+  platform: str | None = None
 
   def setup(self):
     if self.block_style not in BLOCK_STYLES:
@@ -378,7 +442,7 @@ class ParaFormer(nn.Module):
     self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, reference, self.dtype)
     stack = lambda n: BranchStack(n, self.branch_depth, self.num_heads, self.mlp_dim,
                                   self.dropout, self.block_style, self.pool, self.dtype,
-                                  self.branch_strategy)
+                                  self.branch_strategy, self.platform)
     self.frozen_branches = stack(self.num_frozen_branches) if self.num_frozen_branches else None
     self.branches = stack(self.num_branches)
     self.head = Head(self.num_classes, self.dtype)
@@ -386,10 +450,22 @@ class ParaFormer(nn.Module):
   def pooled_branch_outputs(self, images, train: bool = False, summed: bool = False):
     """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D], or
     with `summed` of their sums over branches, [batch, D]."""
-    tokens = self.embed(images, not train)
+    rows = self._global_index(self.data_axis, images.shape[0])
+    key = self.make_rng('dropout') if train and self.dropout else None
+    tokens = self.embed(images, not train, (key, rows, None))
     stacks = [self.branches] if self.frozen_branches is None else [self.frozen_branches,
                                                                     self.branches]
-    return [s(tokens, not train, summed) for s in stacks]
+    # Global branch indices: frozen branches first, then the trained ones.
+    offsets = [0] if self.frozen_branches is None else [0, self.num_frozen_branches]
+    return [s(tokens, not train, summed,
+              (key, rows, offset + self._global_index(self.branch_axis, s.num_branches)))
+            for s, offset in zip(stacks, offsets)]
+
+  @staticmethod
+  def _global_index(axis, local: int):
+    """Indices of this device's `local` consecutive items along mesh `axis`, in the whole."""
+    start = 0 if axis is None else jax.lax.axis_index(axis) * local
+    return start + jnp.arange(local)
 
   def __call__(self, images, train: bool = False):
     """Logits of the full model, [batch, classes]."""

@@ -1,40 +1,89 @@
 """What a run reports: progress lines, JSON-lines and TensorBoard metrics, prefix tables, plots."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 
 import jax
 import matplotlib
+from tensorboardX import record_writer
+
+from paraformer_jax import storage
 
 matplotlib.use('Agg')  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-class MetricWriter:
-  """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only."""
+class _ObjectStoreEventFile:
+  """A TensorBoard event file on an object store, which cannot append: kept in memory and
+  uploaded whole at each flush (as tensorboardX's own GCS writer does, but through epath,
+  so any scheme and the storage emulator work)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, path):
+    self._path, self._buffer = path, io.BytesIO()
+
+  def write(self, data):
+    self._buffer.write(data)
+
+  def flush(self):
+    storage.write_atomic(self._path, self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _ObjectStoreEventFiles:
+  def open(self, path):
+    return _ObjectStoreEventFile(path)
+
+  def directory_check(self, path):
+    del path  # object stores have no directories to make
+
+
+record_writer.register_writer_factory('gs', _ObjectStoreEventFiles())
+
+
+class MetricWriter:
+  """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only.
+
+  metrics.jsonl is rewritten whole, never appended to (object stores cannot append): its
+  lines are kept in memory, those of earlier runs in the same workdir read back first. On an
+  object store it is written at most every `REMOTE_FLUSH_S` seconds (and at close).
+  """
+  REMOTE_FLUSH_S = 30.0
+
+  def __init__(self, workdir):
     self._active = jax.process_index() == 0
     if self._active:
       from tensorboardX import SummaryWriter  # TensorBoard events without TensorFlow
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      workdir = storage.path(workdir)
+      self._path = workdir / 'metrics.jsonl'
+      self._lines = self._path.read_text().splitlines() if self._path.exists() else []
+      self._every = self.REMOTE_FLUSH_S if storage.is_remote(workdir) else 0.0
+      self._flushed = time.monotonic()
+      self._tb = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict):
     if not self._active:
       return
-    self._jsonl.write(json.dumps({'step': int(step), **metrics}) + '\n')
-    self._jsonl.flush()
+    self._lines.append(json.dumps({'step': int(step), **metrics}))
     for name, value in metrics.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
-    self._tb.flush()
+    if time.monotonic() - self._flushed >= self._every:
+      self.flush()
+
+  def flush(self):
+    if self._active:
+      storage.write_atomic(self._path, ''.join(line + '\n' for line in self._lines))
+      self._tb.flush()
+      self._flushed = time.monotonic()
 
   def close(self):
     if self._active:
-      self._jsonl.close()
+      self.flush()
       self._tb.close()
 
 
@@ -83,5 +132,7 @@ def plot_prefix(rows, path: str, title: str):
   twin.plot(ks, [r['params'] / 1e6 for r in rows], color='gray', ls='--', marker='.')
   twin.set_ylabel('parameters (M)', color='gray')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
   plt.close(fig)
+  storage.write_atomic(path, png.getvalue())

@@ -75,7 +75,8 @@ def local_model(model: ParaFormer, mesh) -> ParaFormer:
   check_divisible(model, mesh)
   nb = mesh.shape['branch']
   return model.clone(num_branches=model.num_branches // nb,
-                     num_frozen_branches=model.num_frozen_branches // nb, branch_axis='branch')
+                     num_frozen_branches=model.num_frozen_branches // nb, branch_axis='branch',
+                     data_axis='data', platform=mesh.devices.flat[0].platform)
 
 
 def sharded_apply(model: ParaFormer, mesh, method: str = '__call__'):
@@ -88,11 +89,8 @@ def sharded_apply(model: ParaFormer, mesh, method: str = '__call__'):
 
   def apply(params, images, train=False, dropout_rng=None):
     def body(params, images, *rng):
-      rngs = {}
-      if rng:
-        # Each device draws its own dropout masks (its data shard, its branches).
-        idx = jax.lax.axis_index('data') * mesh.shape['branch'] + jax.lax.axis_index('branch')
-        rngs = {'dropout': jax.random.fold_in(rng[0], idx)}
+      # One key everywhere: the model folds in each example's and branch's global index.
+      rngs = {'dropout': rng[0]} if rng else {}
       return local.apply({'params': params}, images, train, rngs=rngs,
                          method=getattr(ParaFormer, method))
     rng = () if dropout_rng is None else (dropout_rng,)

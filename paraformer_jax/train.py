@@ -8,9 +8,7 @@ next stage restores and extends with fresh branches.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import signal
 import time
 
@@ -19,58 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from paraformer_jax import (checkpoint, expand, finetune, input_pipeline, optim, reporting,
-                            sharding, steps)
-from paraformer_jax.model import ParaFormer, first_branches, merge_frozen, param_count
-
-
-def build_model(config) -> ParaFormer:
-  m = config.model
-  return ParaFormer(num_classes=config.data.num_classes, patch_size=m.patch_size,
-                    width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                    num_branches=m.num_branches, branch_depth=m.branch_depth,
-                    dropout=m.dropout, block_style=m.block_style, pool=m.pool,
-                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy)
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-  """Which branches each stage trains and freezes, and how long it runs."""
-  config: object
-  steps_per_epoch: int
-  expand_frozen: int = 0  # branches of config.expand_from, frozen ahead of the new ones
-
-  @property
-  def stagewise(self):
-    return self.config.training.mode == 'stagewise'
-
-  @property
-  def num_stages(self):
-    if not self.stagewise:
-      return 1
-    return self.config.model.num_branches // self.config.training.branches_per_stage
-
-  @property
-  def steps_per_stage(self):
-    passes = 2 if self.config.training.mode == 'lpa' else 1  # lpa: LPA pass + full pass
-    return self.config.training.epochs * passes * self.steps_per_epoch
-
-  def model(self, stage: int) -> ParaFormer:
-    if not self.stagewise:
-      return build_model(self.config).clone(num_frozen_branches=self.expand_frozen)
-    per = self.config.training.branches_per_stage
-    return build_model(self.config).clone(num_branches=per, num_frozen_branches=stage * per)
-
-  def frozen_keys(self, stage: int) -> tuple:
-    if self.expand_frozen:
-      return ('frozen_branches', 'embed')  # and the old head rows: Trainer.update_mask
-    if not self.stagewise or stage == 0:
-      return ()
-    t = self.config.training
-    return (('frozen_branches',) + (() if t.train_embed_in_later_stages else ('embed',)) +
-            (() if t.train_head_in_later_stages else ('head',)))
+                            sharding, steps, storage)
+from paraformer_jax.model import first_branches, merge_frozen, param_count
+from paraformer_jax.run_state import StagePlan, StateMaker, build_model
 
 
 def check_config(config, mesh):
@@ -96,46 +47,6 @@ def check_config(config, mesh):
   # The image / patch check of the model, without compiling anything.
   jax.eval_shape(model.init, jax.random.PRNGKey(0),
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
-
-
-def state_shardings(abstract_state, mesh):
-  """Branch stacks and their per-branch optimizer state over 'branch'; the rest replicated."""
-  replicated = NamedSharding(mesh, P())
-  by_branch = NamedSharding(mesh, P('branch'))
-  return abstract_state.replace(
-      step=replicated, rng=replicated,
-      params=sharding.param_shardings(abstract_state.params, mesh),
-      opt_state={'branches': jax.tree.map(lambda _: by_branch,
-                                          abstract_state.opt_state['branches']),
-                 'shared': jax.tree.map(lambda _: replicated,
-                                        abstract_state.opt_state['shared'])})
-
-
-def init_params(model, rng, image_shape):
-  return model.init(rng, jnp.zeros((1, *image_shape)))['params']
-
-
-def state_fn(plan, tx, stage, params_fn, step):
-  """A function making the TrainState of `stage` with params from params_fn()."""
-  frozen_keys = plan.frozen_keys(stage)
-
-  def make():
-    params = params_fn()
-    trained, _ = steps.split_params(params, frozen_keys)
-    return steps.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                            opt_state=optim.init(tx, trained),
-                            rng=jax.random.PRNGKey(plan.config.seed + 1))
-  return make
-
-
-def abstract_state(plan, tx, mesh, stage, image_shape):
-  """Shapes, dtypes and shardings of a stage's state: the target of restores and AOT compiles."""
-  model = plan.model(stage)
-  make = state_fn(plan, tx, stage, lambda: init_params(model, jax.random.PRNGKey(0),
-                                                       image_shape), 0)
-  shapes = jax.eval_shape(make)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, state_shardings(shapes, mesh))
 
 
 class Preemption:
@@ -166,9 +77,10 @@ class Preemption:
 class Trainer:
   """Holds what a run shares between stages: mesh, data, checkpoints, writer."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, create: bool = True):
+    """`create=False`: only read the workdir (evaluation), never make directories in it."""
     self.config = config
-    self.workdir = workdir
+    self.workdir = storage.path(workdir)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch)
     check_config(config, self.mesh)
     d = config.data
@@ -184,86 +96,19 @@ class Trainer:
     self.source = expand.source_layout(config.expand_from) if config.expand_from else (0, 0)
     self.plan = StagePlan(config, spe, self.source[0])
     self.tx = optim.make_tx(config.training, spe)
-    self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                        keep=config.keep_checkpoints)
-    self.stage_ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'stages'), keep=None,
-                                              keep_best=False)
+    image_size = config.data.image_size
+    self.states = StateMaker(config, self.plan, self.tx, self.mesh,
+                             (image_size, image_size, self.channels), self.source[1])
+    workdir = storage.path(workdir)
+    self.ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints,
+                                        create=create)
+    self.stage_ckpts = checkpoint.Checkpoints(workdir / 'stages', keep=None, keep_best=False,
+                                              create=create and self.plan.stagewise)
     self._eval_steps = {}  # compiled once per branch layout, not once per validation
 
-  # ---- state creation, restore, extension -------------------------------------------------
-
-  def _image_shape(self):
-    s = self.config.data.image_size
-    return (s, s, self.channels)
-
-  def _init_params(self, model, rng):
-    return init_params(model, rng, self._image_shape())
-
-  def _make_state(self, stage, params_fn, step):
-    """The state, created already sharded (eval_shape for the layout, then a jitted init)."""
-    make = state_fn(self.plan, self.tx, stage, params_fn, step)
-    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), self.mesh))()
-
-  def abstract_state(self, stage):
-    return abstract_state(self.plan, self.tx, self.mesh, stage, self._image_shape())
-
-  def initial_state(self):
-    model = self.plan.model(0)
-    state = self._make_state(0, lambda: self._init_params(
-        model, jax.random.PRNGKey(self.config.seed)), step=0)
-    source = self.config.init_from or self.config.expand_from
-    if not source:
-      return state
-    pretrained, step = finetune.load_pretrained(source)
-    fill = expand.expanded_params if self.config.expand_from else finetune.transfer
-    params = fill(pretrained, jax.device_get(state.params))
-    logging.info('Parameters from %s (step %d)', source, step)
-    return state.replace(params=jax.device_put(params, sharding.param_shardings(params,
-                                                                                self.mesh)))
-
-  def extend(self, state, stage):
-    """Stage `stage` from the end of stage-1: old branches frozen, fresh branches appended."""
-    old_model = self.plan.model(stage - 1)
-    new_model = self.plan.model(stage)
-    fresh_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
-
-    def params_fn():
-      _, merged = merge_frozen(old_model, state.params)
-      fresh = self._init_params(new_model.clone(num_frozen_branches=0), fresh_rng)
-      return {'embed': merged['embed'], 'frozen_branches': merged['branches'],
-              'branches': fresh['branches'], 'head': merged['head']}
-
-    return self._make_state(stage, params_fn, step=int(state.step))
-
   def restore(self, step, ckpts=None):
-    ckpts = ckpts or self.ckpts
-    stage = ckpts.meta(step)['stage']
-    abstract = self.abstract_state(stage)
-    self._check_fits(ckpts, step, abstract.params)
-    return ckpts.restore(step, abstract), stage
-
-  def _check_fits(self, ckpts, step, abstract_params):
-    """A clear error, before Orbax's, when the config's parameters are not the checkpoint's."""
-    saved = ckpts.param_shapes(step)
-    wanted = {jax.tree_util.keystr(p): tuple(a.shape)
-              for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
-    problems = [f'{k}: checkpoint {saved.get(k)}, config {wanted.get(k)}'
-                for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-    if not problems:
-      return
-    branches = {v[0] for k, v in saved.items() if k.startswith("['branches']")}
-    raise ValueError(
-        f'Checkpoint step {step} in {ckpts.directory} does not fit this config '
-        f'({len(problems)} parameters differ; the checkpoint has {sorted(branches)} trained '
-        f'branches, the config model.num_branches={self.config.model.num_branches}):\n  ' +
-        '\n  '.join(problems[:5]) + '\nUse the config the checkpoint was trained with (see '
-        f'config.json beside it), or a new --workdir for a different model.')
-
-  def update_mask(self, params):
-    """Expansion: only the new classes' head rows change (the old model stays inside)."""
-    if not self.config.expand_from:
-      return None
-    return {'head': expand.head_update_mask(params['head'], self.source[1])}
+    """(state, stage) of checkpoint `step` of this run (or of `ckpts`)."""
+    return self.states.restore(ckpts or self.ckpts, step)
 
   # ---- loops ------------------------------------------------------------------------------
 
@@ -300,7 +145,7 @@ class Trainer:
     model = plan.model(stage)
     train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
                                        plan.frozen_keys(stage), config.training.clip_norm,
-                                       self.update_mask(state.params))
+                                       self.states.update_mask(state.params))
     first = stage * plan.steps_per_stage
     start = int(state.step) - first
     batches = input_pipeline.train_batches(self.train_source, config.data,
@@ -351,7 +196,7 @@ class Trainer:
     writer = reporting.MetricWriter(self.workdir)
     latest = self.ckpts.latest_step()
     if latest is None:
-      state, layout = self.initial_state(), 0
+      state, layout = self.states.initial(), 0
     else:
       state, layout = self.restore(latest)  # layout: the stage whose parameters state holds
       logging.info('Resuming from step %d (stage %d) in %s', latest, layout,
@@ -360,7 +205,7 @@ class Trainer:
       if int(state.step) >= (stage + 1) * self.plan.steps_per_stage:
         continue  # this stage had already finished
       if layout < stage:
-        state, layout = self.extend(state, stage), stage
+        state, layout = self.states.extend(state, stage), stage
       state, preempted = self.train_stage(stage, state, writer, preemption)
       if preempted:
         writer.close()
@@ -379,10 +224,10 @@ class Trainer:
     """Test accuracy on the source run's data and on this run's, before and after expansion:
     printed, and written to forgetting.json."""
     d = self.config.data
-    with open(os.path.join(self.config.expand_from, 'config.json')) as f:
-      old_classes = json.load(f)['data'].get('classes', '')  # '' (all) in older workdirs
+    saved = json.loads((storage.path(self.config.expand_from) / 'config.json').read_text())
+    old_classes = saved['data'].get('classes', '')  # '' (all) in older workdirs
     branches, classes = self.source
-    before_params, _ = finetune.load_pretrained(self.config.expand_from)
+    before_params, _ = finetune.load_pretrained(self.config.expand_from, self.mesh)
     before = (build_model(self.config).clone(num_branches=branches, num_classes=classes),
               before_params)
     after = merge_frozen(self.plan.model(0), state.params)
@@ -396,8 +241,7 @@ class Trainer:
     if jax.process_index() == 0:
       total = branches + self.plan.model(0).num_branches
       print(reporting.forgetting_table(rows, branches, total), flush=True)
-      with open(os.path.join(self.workdir, 'forgetting.json'), 'w') as f:
-        json.dump(rows, f, indent=1)
+      storage.write_atomic(self.workdir / 'forgetting.json', json.dumps(rows, indent=1))
     return rows
 
   def report(self, stage, state, name, split=None):
@@ -414,11 +258,11 @@ class Trainer:
              f'accuracy of the first k branches')
     if jax.process_index() == 0:
       print(reporting.prefix_table(rows, title), flush=True)
-      base = os.path.join(self.workdir, f'{name}_prefix_accuracy')
-      with open(base + '.json', 'w') as f:
-        json.dump({'step': int(state.step), 'split': split, 'loss': result['loss'],
-                   'count': result['count'], 'prefixes': rows}, f, indent=1)
-      reporting.plot_prefix(rows, base + '.png', f'{d.name} {split}, step {int(state.step)}')
+      base = self.workdir / f'{name}_prefix_accuracy'
+      storage.write_atomic(f'{base}.json', json.dumps(
+          {'step': int(state.step), 'split': split, 'loss': result['loss'],
+           'count': result['count'], 'prefixes': rows}, indent=1))
+      reporting.plot_prefix(rows, f'{base}.png', f'{d.name} {split}, step {int(state.step)}')
       logging.info('Wrote %s.json and %s.png', base, base)
     return {'rows': rows, **result}
 
@@ -434,11 +278,10 @@ RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'm
 
 def check_workdir(config, workdir: str):
   """Refuse to resume a run in a workdir whose checkpoints came from other settings."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.path(workdir) / 'config.json'
+  if not path.exists():
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   current = json.loads(config.to_json_best_effort())
   keys = RUN_DEFINING + (('training.epochs',) if config.training.mode == 'stagewise' or
                          config.training.schedule != 'constant' else ())
@@ -458,18 +301,24 @@ def check_workdir(config, workdir: str):
 
 
 def save_config(config, workdir: str):
-  """workdir/config.json, written whole and then renamed: the other processes, which may
-  still be in check_workdir, never read a half-written file (a fresh multi-host run used to
-  crash there)."""
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
-  os.replace(path + '.tmp', path)
+  """workdir/config.json, never seen half-written by the other processes, which may still be
+  in check_workdir (a fresh multi-host run used to crash there)."""
+  storage.write_atomic(storage.path(workdir) / 'config.json',
+                       config.to_json_best_effort(indent=1))
+
+
+def check_sources(config, workdir: str):
+  """Every remote path of the run reachable, before anything trains (storage.check_access)."""
+  for what, path in (('--workdir', workdir), ('config.init_from', config.init_from),
+                     ('config.expand_from', config.expand_from)):
+    if path:
+      storage.check_access(path, what)
 
 
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
-  os.makedirs(workdir, exist_ok=True)
+  check_sources(config, workdir)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   check_workdir(config, workdir)
   if jax.process_index() == 0:
     save_config(config, workdir)
@@ -482,8 +331,9 @@ def train_and_evaluate(config, workdir: str):
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   """Loads a checkpoint (latest by default) and reports every prefix on the test split."""
+  check_sources(config, workdir)
   check_workdir(config, workdir)
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, create=False)
   steps_saved = trainer.ckpts.all_steps()
   if not steps_saved:
     raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory}: train first with '

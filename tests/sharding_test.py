@@ -90,17 +90,42 @@ def test_params_are_created_sharded(small_model, small_params):
                                 ['kernel'])
 
 
-def test_dropout_under_shard_map_runs_per_device_masks(images):
-  model = ParaFormer(num_classes=10, patch_size=4, width=64, num_heads=1, mlp_dim=128,
-                     num_branches=8, branch_depth=1, dropout=0.5)
-  mesh = sharding.make_mesh(2, 4)
-  params = sharding.init_params(model, mesh, jax.random.key(0), IMAGE_SHAPE)
-  fwd = jax.jit(sharding.sharded_apply(model, mesh), static_argnums=2)
-  a = fwd(params, images, True, jax.random.key(1))
-  b = fwd(params, images, True, jax.random.key(2))
-  assert np.abs(np.asarray(a - b)).max() > 1e-3
-  np.testing.assert_allclose(fwd(params, images, False), model.apply({'params': params}, images),
-                             rtol=1e-5, atol=1e-5)
+@pytest.fixture(scope='module')
+def dropout_model():
+  return ParaFormer(num_classes=10, patch_size=4, width=64, num_heads=1, mlp_dim=128,
+                    num_branches=8, branch_depth=1, dropout=0.5)
+
+
+def test_dropout_masks_do_not_depend_on_the_mesh(dropout_model, images):
+  """Every mesh draws the masks one device draws (per global example and branch)."""
+  params = dropout_model.init(jax.random.key(0), images[:1])['params']
+  key = jax.random.key(1)
+  want = dropout_model.apply({'params': params}, images, True, rngs={'dropout': key})
+  assert np.abs(np.asarray(want - dropout_model.apply({'params': params}, images))).max() > 1e-2
+  for data, branch in [(1, 8), (2, 4), (8, 1)]:
+    fwd = jax.jit(sharding.sharded_apply(dropout_model, sharding.make_mesh(data, branch)),
+                  static_argnums=2)
+    np.testing.assert_allclose(fwd(params, images, True, key), want, rtol=1e-5, atol=1e-5,
+                               err_msg=f'mesh {data}x{branch}')
+  # Another key, other masks; evaluation has none.
+  assert np.abs(np.asarray(fwd(params, images, True, jax.random.key(2)) - want)).max() > 1e-2
+  np.testing.assert_allclose(fwd(params, images, False),
+                             dropout_model.apply({'params': params}, images), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_masks_are_independent_per_example_and_branch():
+  """Same input rows and same branch weights: only the masks can tell them apart."""
+  from paraformer_jax.model import Dropout
+  x = jnp.ones((4, 3, 16))
+  key = jax.random.key(0)
+  out = Dropout(0.5).apply({}, x, False, (key, jnp.arange(4), jnp.asarray(3)))
+  kept = np.asarray(out != 0).reshape(4, -1)
+  assert len({row.tobytes() for row in kept}) == 4  # one mask per example
+  other = Dropout(0.5).apply({}, x, False, (key, jnp.arange(4), jnp.asarray(4)))
+  assert not np.array_equal(np.asarray(other != 0).reshape(4, -1), kept)  # per branch
+  assert 0.3 < kept.mean() < 0.7  # rate 0.5, 192 draws
+  np.testing.assert_allclose(np.asarray(out)[kept.reshape(out.shape)], 2.0)  # scaled by 1/keep
 
 
 def test_indivisible_branch_count_is_refused_before_compiling():

@@ -210,7 +210,7 @@ def test_stagewise_freezes_and_extends(data_dir, tmp_path):
   assert set(mu) == {'head'}
   assert {a.shape[0] for a in jax.tree.leaves(stage1.opt_state['branches'])} == {2}
   # Extending from the stage checkpoint restores the earlier branches exactly.
-  extended = trainer.extend(stage0, 1)
+  extended = trainer.states.extend(stage0, 1)
   assert trees_equal(extended.params['frozen_branches'], stage0.params['branches'])
   assert not trees_equal(extended.params['branches'], stage0.params['branches'])
   assert int(extended.step) == 13
@@ -239,6 +239,28 @@ def _fresh_state(params, tx):
 
 def _mesh1():
   return sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def test_a_training_step_with_dropout_is_the_same_on_every_mesh(images):
+  """Dropout masks follow the global example and branch, not the device layout."""
+  model = ParaFormer(num_branches=8, branch_depth=1, dropout=0.1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  tx = optax.sgd(1.0)  # new params = params - gradients (Adam's first step, ~ -lr * sign(g),
+  # would turn f32 reordering noise in near-zero gradients into lr-sized differences)
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  clean = steps.cross_entropy(model.apply({'params': params}, images), batch['label'])
+  results = {}
+  for data, branch in [(1, 1), (1, 8), (2, 4), (8, 1)]:
+    mesh = _mesh1() if data * branch == 1 else sharding.make_mesh(data, branch)
+    step = steps.make_train_step(model, mesh, tx, 'joint')
+    state, metrics = step(_fresh_state(params, tx), sharding.global_batch(mesh, batch))
+    results[data, branch] = jax.device_get((state.params, metrics['loss']))
+  want_params, want_loss = results[1, 1]
+  assert abs(float(want_loss) - float(clean)) > 1e-4  # dropout was on
+  for mesh, (got_params, got_loss) in results.items():
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=str(mesh))
+    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=str(mesh))
 
 
 def test_lpa_counts_one_update_per_prefix_and_one_per_full_step(images):
@@ -325,7 +347,7 @@ def test_exact_evaluation_counts_every_example_once(data_dir):
   config = tiny_config(data_dir)  # test split: 360 images, eval batches of 128
   trainer = train.Trainer(config, os.path.join(data_dir, 'unused_workdir'))
   model = trainer.plan.model(0)
-  params = trainer.initial_state().params
+  params = trainer.states.initial().params
   source = input_pipeline.get_source('sklearn_digits', 'test', data_dir)
   result = trainer.evaluate(model, params, source)
   assert result['count'] == 360
@@ -473,7 +495,7 @@ def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight
   tuned = tiny_config(config.data.data_dir, epochs=1)
   tuned.init_from = source_workdir
   tuned.data.num_classes = 12  # a new dataset with more classes (labels 0..9 still valid)
-  state = train.Trainer(tuned, str(tmp_path / 'tuned')).initial_state()
+  state = train.Trainer(tuned, str(tmp_path / 'tuned')).states.initial()
   got = jax.device_get(state.params)
   assert trees_equal(got['embed'], want['embed'])
   assert trees_equal(got['branches'], want['branches'])
@@ -481,12 +503,12 @@ def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight
   assert got['head']['out']['kernel'].shape == (32, 12)
   # Same class count: the head comes along too, and training starts from it.
   tuned.data.num_classes = 10
-  state = train.Trainer(tuned, str(tmp_path / 'tuned10')).initial_state()
+  state = train.Trainer(tuned, str(tmp_path / 'tuned10')).states.initial()
   assert trees_equal(jax.device_get(state.params), jax.device_get(want))
   assert int(state.step) == 0
   tuned.model.num_branches = 8
   with pytest.raises(ValueError, match=r"init_from does not fit.*\n.*\['branches'\]"):
-    train.Trainer(tuned, str(tmp_path / 'tuned8')).initial_state()
+    train.Trainer(tuned, str(tmp_path / 'tuned8')).states.initial()
 
 
 @pytest.mark.slow

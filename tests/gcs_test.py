@@ -1,0 +1,140 @@
+"""A run whose workdir is in a bucket (gs://), against a real GCS-compatible server on
+127.0.0.1 (the `gcs` fixture): train, preemption and resume, evaluation, compression and
+fine-tuning, with nothing written to the local working directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import pytest
+from etils import epath
+from train_test import tiny_config, trees_equal
+
+from paraformer_jax import storage, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  # TFDS's array_record files are read by array_record's own C++ GCS client, which does not
+  # honour the emulator: the dataset stays local (outside the working directory).
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _main(cwd, data_dir, workdir, *flags, check=True):
+  cmd = [sys.executable, '-m', 'paraformer_jax.main', f'--config={REPO}/configs/tiny.py',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         '--config.training.epochs=1', '--config.log_every_steps=2', *flags]
+  out = subprocess.run(cmd, cwd=cwd, env={**os.environ, **ENV}, capture_output=True,
+                       text=True, timeout=600)
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def _preempted_then_resumed(cwd, data_dir, workdir):
+  cmd = [sys.executable, '-m', 'paraformer_jax.main', f'--config={REPO}/configs/tiny.py',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         '--config.training.epochs=1', '--config.log_every_steps=2']
+  proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if 'step 4/13' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.stdout.readlines()
+  assert proc.wait(timeout=300) == 0, ''.join(lines[-30:])
+  assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
+  resumed = _main(cwd, data_dir, workdir)
+  assert 'Resuming from step' in resumed.stderr
+  return lines
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
+  del gcs
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  straight, preempted = 'gs://bucket/straight', 'gs://bucket/preempted'
+  _main(cwd, data_dir, straight)
+  _preempted_then_resumed(cwd, data_dir, preempted)
+
+  # What a run writes is in the bucket.
+  names = {p.name for p in epath.Path(preempted).iterdir()}
+  assert {'checkpoints', 'config.json', 'metrics.jsonl', 'tensorboard',
+          'final_prefix_accuracy.json', 'final_prefix_accuracy.png'} <= names
+  logged = [json.loads(l) for l in (epath.Path(preempted) / 'metrics.jsonl').read_text()
+            .splitlines()]
+  assert {'loss', 'val_accuracy'} <= {k for m in logged for k in m}
+  assert any(p.name.startswith('events') for p in (epath.Path(preempted) /
+                                                   'tensorboard').iterdir())
+  # Resumed from the bucket, bit-identical to the run that was never interrupted.
+  config = tiny_config(data_dir, epochs=1)
+  want, got = (train.Trainer(config, w, create=False) for w in (straight, preempted))
+  assert got.ckpts.latest_step() == want.ckpts.latest_step() == 13
+  a, b = (t.restore(13)[0] for t in (want, got))
+  assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
+
+  # Evaluation, compression and fine-tuning read it from there and write there.
+  _main(cwd, data_dir, preempted, '--mode=eval')
+  final = json.loads((epath.Path(preempted) / 'final_prefix_accuracy.json').read_text())
+  evaluated = json.loads((epath.Path(preempted) / 'eval_step13_prefix_accuracy.json')
+                         .read_text())
+  assert evaluated['prefixes'] == final['prefixes']
+  out = subprocess.run(
+      [sys.executable, '-m', 'paraformer_jax.compress', f'--config={REPO}/configs/tiny.py',
+       f'--workdir={preempted}', '--out=gs://bucket/small', '--k=2',
+       f'--config.data.data_dir={data_dir}'], cwd=cwd, env={**os.environ, **ENV},
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(epath.Path('gs://bucket/small/compression.json').read_text())
+  assert report['k'] == 2 and report['source'] == preempted
+  tuned = _main(cwd, data_dir, 'gs://bucket/tuned', f'--config.init_from={preempted}',
+                '--config.training.learning_rate=0')
+  assert f'Parameters from {preempted}' in tuned.stderr
+  # With a zero learning rate the fine-tuned run keeps what it was given.
+  start = train.Trainer(config, 'gs://bucket/tuned', create=False).restore(13)[0]
+  assert trees_equal(start.params, a.params)
+
+  assert os.listdir(cwd) == []  # nothing local: no gs:/ folders, no stray files
+
+
+def test_a_missing_bucket_fails_before_training_and_names_it(gcs, data_dir, tmp_path):
+  del gcs
+  out = _main(tmp_path, data_dir, 'gs://no-such-bucket/run', check=False)
+  assert out.returncode != 0
+  assert ('--workdir=gs://no-such-bucket/run cannot be used: the bucket gs://no-such-bucket '
+          'does not exist') in out.stderr
+  assert 'Resuming' not in out.stderr and 'branches trained' not in out.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_an_unreachable_endpoint_fails_within_the_probe_time(tmp_path):
+  with __import__('socket').socket() as s:
+    s.bind(('127.0.0.1', 0))
+    closed = s.getsockname()[1]  # nothing listens once the socket is closed
+  env = {**os.environ, 'STORAGE_EMULATOR_HOST': f'http://127.0.0.1:{closed}',
+         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  code = ('from paraformer_jax import storage\n'
+          'storage.check_access("gs://bucket/run", "--workdir", timeout_s=3)')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+  assert out.returncode != 0
+  assert ('--workdir=gs://bucket/run cannot be used: no answer from the storage endpoint '
+          'within 3 s') in out.stderr
+  assert f'STORAGE_EMULATOR_HOST=http://127.0.0.1:{closed}' in out.stderr
+
+
+def test_atomic_writes_leave_no_temporary_file(gcs, tmp_path):
+  del gcs
+  for target in (tmp_path / 'a.json', 'gs://bucket/atomic/a.json'):
+    storage.write_atomic(target, '{"x": 1}')
+    storage.write_atomic(target, '{"x": 2}')
+    assert storage.path(target).read_text() == '{"x": 2}'
+    assert [p.name for p in storage.path(target).parent.iterdir()] == ['a.json']
