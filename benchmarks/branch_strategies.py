@@ -13,9 +13,8 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from model_throughput import interleaved, make_train_step, matmul_peak
+from model_throughput import interleaved, matmul_peak, trainer_step
 from paraformer_jax.flops import forward_flops
 from paraformer_jax.model import ParaFormer
 
@@ -47,15 +46,14 @@ def model_calls(model, args, batches, train_batch):
     x = images[:b]
     calls['infer', b] = (lambda x=x: infer(params, x)), compiled_bytes(infer, params, x)
   if train_batch:
-    tx = optax.adam(1e-4)
-    step = make_train_step(model, tx)
-    x, labels = images[:train_batch], jnp.arange(train_batch) % model.num_classes
-    state = [jax.tree.map(jnp.copy, params), tx.init(params)]
-    memory = compiled_bytes(step, *state, x, labels)
+    x = images[:train_batch]
+    step, state = trainer_step(model, x)  # the trainer's own step
+    batch = {'image': x, 'label': jnp.arange(train_batch) % model.num_classes}
+    memory = compiled_bytes(step, state[0], batch)
 
-    def train():  # threads the donated buffers through the repeats
-      state[:] = step(*state, x, labels)
-      return state[0]
+    def train():  # threads the donated state through the repeats
+      state[0], _ = step(state[0], batch)
+      return state[0].params
     calls['train', train_batch] = train, memory
   return calls
 

@@ -1,7 +1,9 @@
 """Training and inference throughput: ParaFormer 8x2 against the sequential 1x16 baseline.
 
 Everything is measured in one run, the matmul peak included, so that ratios are not spoiled by
-a busy shared machine. FLOPs are counted analytically (paraformer_jax/flops.py).
+a busy shared machine. FLOPs are counted analytically (paraformer_jax/flops.py). Training is
+timed with the trainer's own step (steps.make_train_step, mode 'joint') at each `--dropouts`
+rate (0.1 is the paper's), in `--block_style` (the paper's is 'reference').
 
   .venv/bin/python benchmarks/model_throughput.py                      # 32 px, patch 4, f32
   .venv/bin/python benchmarks/model_throughput.py --dtype=bfloat16
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paraformer_jax import optim, sharding, steps
 from paraformer_jax.flops import forward_flops
 from paraformer_jax.model import ParaFormer
 
@@ -56,40 +59,38 @@ def matmul_peak(dtype, n=4096, repeats=5):
   return 2 * n ** 3 / timed(mm, a, b, repeats=repeats) / 1e9
 
 
-def make_train_step(model, tx):
-  def loss_fn(params, images, labels):
-    logits = model.apply({'params': params}, images, train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  def step(params, opt_state, images, labels):
-    grads = jax.grad(loss_fn)(params, images, labels)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def adam_training(model, images):
-  """(jitted Adam step, [initial params, optimizer state]) for images of this shape."""
+def trainer_step(model, images, lr=1e-4):
+  """(step, [state]) for images of this shape: the trainer's own step (steps.make_train_step,
+  mode 'joint', Adam, the model's dropout) on one device, and its initial TrainState.
+  `call()` below threads the donated state through repeats."""
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-  tx = optax.adam(1e-4)
-  return make_train_step(model, tx), [params, tx.init(params)]
+  tx = optax.adam(lr)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  step = steps.make_train_step(model, mesh, tx, 'joint')
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
+  return step, [state]
+
+
+def train_call(model, images):
+  """A no-argument call making one training step on `images` (labels 0..9 cycled)."""
+  step, state = trainer_step(model, images)
+  batch = {'image': images, 'label': jnp.arange(images.shape[0]) % model.num_classes}
+
+  def call():
+    state[0], _ = step(state[0], batch)
+    return state[0].params
+  return call, state
 
 
 def model_calls(model, args):
   """No-argument calls: a training step at --batch, inference at --batch and at batch 1."""
   shape = (args.image_size, args.image_size, 3)
   images = jax.random.normal(jax.random.key(0), (args.batch, *shape))
-  labels = jnp.arange(args.batch) % model.num_classes
-  step, state = adam_training(model, images)
-
-  def train():  # threads the donated buffers through the repeats
-    state[:] = step(*state, images, labels)
-    return state[0]
-
+  train, state = train_call(model, images)
   infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  return {'train': train, 'infer': lambda: infer(state[0], images),
-          'infer1': lambda: infer(state[0], images[:1])}
+  return {'train': train, 'infer': lambda: infer(state[0].params, images),
+          'infer1': lambda: infer(state[0].params, images[:1])}
 
 
 def main():
@@ -101,6 +102,8 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--strategies', default='auto,vmap',
                       help='comma-separated branch strategies to measure for the 8x2 model')
+  parser.add_argument('--dropouts', default='0.0,0.1', help='comma-separated dropout rates')
+  parser.add_argument('--block_style', default='prenorm', choices=['prenorm', 'reference'])
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
 
@@ -113,13 +116,17 @@ def main():
   print(f'| model | GFLOP/img fwd | train img/s | train GFLOP/s (% f32 peak) | '
         f'infer b{args.batch} img/s (GFLOP/s) | infer b1 ms (GFLOP/s, % f32 peak) |')
   print('|---|---|---|---|---|---|')
-  runs = [(8, 2, s) for s in args.strategies.split(',')] + [(1, 16, 'auto')]
+  runs = [(8, 2, s, float(p)) for p in args.dropouts.split(',')
+          for s in args.strategies.split(',')]
+  runs += [(1, 16, 'auto', float(p)) for p in args.dropouts.split(',')]
   calls, flops = {}, {}
-  for branches, depth, strategy in runs:
+  for branches, depth, strategy, dropout in runs:
     model = ParaFormer(num_classes=10, patch_size=args.patch_size, width=192, num_heads=3,
                        mlp_dim=768, num_branches=branches, branch_depth=depth, dtype=dtype,
-                       branch_strategy=strategy)
-    name = f'{branches}x{depth}' + (f' {strategy}' if branches > 1 else '')
+                       branch_strategy=strategy, dropout=dropout,
+                       block_style=args.block_style)
+    name = (f'{branches}x{depth}' + (f' {strategy}' if branches > 1 else '') +
+            f' dropout {dropout:g}')
     flops[name] = forward_flops(model, args.image_size)
     calls.update({(name, kind): fn for kind, fn in model_calls(model, args).items()})
   # Batch-1 calls are timed among themselves: between big training steps they ran up to 5x

@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from model_throughput import adam_training
+from model_throughput import trainer_step
 from paraformer_jax.model import ParaFormer
 
 
@@ -61,18 +61,18 @@ def main():
   model = ParaFormer(num_classes=10, num_branches=args.branches, branch_depth=args.depth,
                      branch_strategy=args.strategy)
   images = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
-  labels = jnp.arange(args.batch) % 10
-  step, state = adam_training(model, images)
+  batch = {'image': images, 'label': jnp.arange(args.batch) % 10}
+  step, state = trainer_step(model, images)
   if args.mode == 'train':
-    hlo = step.lower(*state, images, labels).compile().as_text()
+    hlo = step.lower(state[0], batch).compile().as_text()
 
     def call():
-      state[:] = step(*state, images, labels)
-      return state[0]
+      state[0], _ = step(state[0], batch)
+      return state[0].params
   else:
     infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    hlo = infer.lower(state[0], images).compile().as_text()
-    call = lambda: infer(state[0], images)
+    hlo = infer.lower(state[0].params, images).compile().as_text()
+    call = lambda: infer(state[0].params, images)
   for _ in range(2):
     jax.block_until_ready(call())  # compile, warm up
   start = time.perf_counter()

@@ -8,8 +8,7 @@
 TPU: `pip install 'jax[tpu]==<this jax>'`), for every chip of a slice: shapes, shardings,
 the branch strategy and attention the TPU runs, and an exact per-chip memory figure, set
 against the chip's HBM for a fits / does-not-fit verdict. `--max_batch` also finds the
-largest global batch that fits (memory is affine in the batch: two compiles give the line,
-a third checks the answer). `--devices=N` compiles for N CPU stand-ins instead: shapes and
+largest global batch that fits (a guess from two compiles, then bisection). `--devices=N` compiles for N CPU stand-ins instead: shapes and
 shardings are the real run's, memory is XLA:CPU's. Without either, this machine's devices.
 
 XLA's FLOP count for a TPU program counts loop bodies once and its 'optimal_seconds' is not
@@ -117,27 +116,43 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
 MAX_BATCH_PER_DEVICE = 2**16  # a search bound (tiny models fit millions): "at least this"
 
 
-def largest_batch(config, capacity: int, channels: int = 3, devices=None) -> tuple[int, dict]:
-  """(largest global batch whose step fits in `capacity` bytes per device, its figures),
-  searched up to MAX_BATCH_PER_DEVICE examples per device on the data axis.
+def largest_batch(config, capacity: int, channels: int = 3, devices=None, log=print):
+  """(largest global batch whose step fits in `capacity` bytes per device, its figures);
+  (0, figures at the smallest batch) if none fits.
 
-  Per-device memory is affine in the batch (state and program fixed, activations per
-  example): compiles at two batches give the line; the answer is then compiled to check,
-  and stepped down while it does not fit.
+  Memory is roughly affine in the batch, so two compiles give a first guess; bisection
+  between a batch that fits and one that does not (TPU layouts pad in steps, so the line is
+  only a guess) ends with a batch that fits whose next multiple of the data axis does not.
+  Searched up to MAX_BATCH_PER_DEVICE examples per device on the data axis.
   """
   from paraformer_jax import sharding
   unit = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices).shape['data']
-  small, big = unit, 4 * unit
-  m_small, m_big = (compile_train_step(config, channels, devices, b)['peak_bytes']
-                    for b in (small, big))
-  per_example = max((m_big - m_small) / (big - small), 1.0)
-  batch = int((capacity - m_small) / per_example + small) // unit * unit
-  batch = min(max(batch, unit), MAX_BATCH_PER_DEVICE * unit)
-  while True:
-    result = compile_train_step(config, channels, devices, batch)
-    if result['peak_bytes'] <= capacity or batch == unit:
-      return batch, result
-    batch = max(unit, (int(batch * 0.95) // unit) * unit)
+  bound = MAX_BATCH_PER_DEVICE * unit
+  results = {}
+
+  def fits(batch):
+    if batch not in results:
+      results[batch] = compile_train_step(config, channels, devices, batch)
+      log(f'  batch {batch}: peak {results[batch]["peak_bytes"] / 2**30:.3f} GiB per device')
+    return results[batch]['peak_bytes'] <= capacity
+
+  def to_unit(b):
+    return min(max(int(b) // unit * unit, unit), bound)
+
+  fits(unit), fits(4 * unit)
+  slope = max((results[4 * unit]['peak_bytes'] - results[unit]['peak_bytes']) / (3 * unit), 1)
+  guess = to_unit(unit + (capacity - results[unit]['peak_bytes']) / slope)
+  lo, hi = (guess, None) if fits(guess) else (None, guess)
+  while hi is None and lo < bound:  # grow until a batch does not fit
+    lo, hi = (to_unit(2 * lo), None) if fits(to_unit(2 * lo)) else (lo, to_unit(2 * lo))
+  while lo is None:  # shrink until one fits
+    if hi == unit:
+      return 0, results[unit]
+    lo, hi = (to_unit(hi // 2), hi) if fits(to_unit(hi // 2)) else (None, to_unit(hi // 2))
+  while hi is not None and hi - lo > unit:
+    mid = to_unit((lo + hi) // 2)
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo, results[lo]
 
 
 def main(argv):
@@ -162,10 +177,12 @@ def main(argv):
   print(f'HBM per device {gib(capacity)}: {"FITS" if fits else "DOES NOT FIT"} '
         f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
   if FLAGS.max_batch:
+    print('searching the largest global batch that fits (one compile per line):')
     batch, best = largest_batch(FLAGS.config, capacity, FLAGS.channels, devices)
     bound = MAX_BATCH_PER_DEVICE * best['mesh']['data']
     print(f'largest global batch that fits: {"at least " if batch == bound else ""}{batch} '
-          f'(peak {gib(best["peak_bytes"])} per device)')
+          f'(peak {gib(best["peak_bytes"])} per device)' if batch else
+          'no batch fits: even one example per device on the data axis is too much.')
 
 
 if __name__ == '__main__':
