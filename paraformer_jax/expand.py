@@ -10,11 +10,14 @@ make it forget, and `forgetting` measures that.
 """
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paraformer_jax import checkpoint, storage
+from paraformer_jax import checkpoint, finetune, input_pipeline, reporting, storage
+from paraformer_jax.model import merge_frozen
 
 
 def source_layout(workdir: str) -> tuple[int, int]:
@@ -54,3 +57,29 @@ def head_update_mask(head, old: int):
   new_rows = lambda a: np.broadcast_to(np.arange(a.shape[-1]) >= old, a.shape).astype(a.dtype)
   return {'norm': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), head['norm']),
           'out': jax.tree.map(new_rows, head['out'])}
+
+
+def forgetting(trainer, state):
+  """Test accuracy on the source run's data and on this run's, before and after expansion:
+  printed, and written to forgetting.json."""
+  d = trainer.config.data
+  saved = json.loads((storage.path(trainer.config.expand_from) / 'config.json').read_text())
+  old_classes = saved['data'].get('classes', '')  # '' (all) in older workdirs
+  branches, classes = trainer.source
+  before_params, _ = finetune.load_pretrained(trainer.config.expand_from, trainer.mesh)
+  old_model = trainer.plan.model(0).clone(num_branches=branches, num_classes=classes,
+                                          num_frozen_branches=0)
+  before = (old_model, before_params)
+  after = merge_frozen(trainer.plan.model(0), state.params)
+  rows = []
+  for label, spec in (('old', old_classes), ('new', d.classes)):
+    test = input_pipeline.split_source(d, d.test_split, classes=spec)
+    accuracy = [trainer.evaluate(m, p, test)['prefix_accuracy'][-1] for m, p in (before, after)]
+    rows.append({'data': label, 'classes': spec or 'all', 'examples': len(test),
+                 'before': accuracy[0], 'after': accuracy[1],
+                 'change': accuracy[1] - accuracy[0]})
+  if jax.process_index() == 0:
+    total = branches + trainer.plan.model(0).num_branches
+    print(reporting.forgetting_table(rows, branches, total), flush=True)
+    storage.write_atomic(trainer.workdir / 'forgetting.json', json.dumps(rows, indent=1))
+  return rows

@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from paraformer_jax import (checkpoint, expand, finetune, input_pipeline, optim, reporting,
-                            sharding, steps, storage)
+from paraformer_jax import (checkpoint, expand, input_pipeline, optim, reporting, sharding,
+                            steps, storage)
 from paraformer_jax.model import first_branches, merge_frozen, param_count
 from paraformer_jax.run_state import StagePlan, StateMaker, build_model
 
@@ -214,57 +214,33 @@ class Trainer:
         self.stage_ckpts.save(int(state.step), state, {'stage': stage})
         self.stage_ckpts.wait()
     self.ckpts.wait()
-    results = self.report(self.plan.num_stages - 1, state, 'final')
+    results = report(self, self.plan.num_stages - 1, state, 'final')
     if self.config.expand_from:
-      results['forgetting'] = self.forgetting(state)
+      results['forgetting'] = expand.forgetting(self, state)
     writer.close()
     return results
 
-  def forgetting(self, state):
-    """Test accuracy on the source run's data and on this run's, before and after expansion:
-    printed, and written to forgetting.json."""
-    d = self.config.data
-    saved = json.loads((storage.path(self.config.expand_from) / 'config.json').read_text())
-    old_classes = saved['data'].get('classes', '')  # '' (all) in older workdirs
-    branches, classes = self.source
-    before_params, _ = finetune.load_pretrained(self.config.expand_from, self.mesh)
-    before = (build_model(self.config).clone(num_branches=branches, num_classes=classes),
-              before_params)
-    after = merge_frozen(self.plan.model(0), state.params)
-    rows = []
-    for label, spec in (('old', old_classes), ('new', d.classes)):
-      test = input_pipeline.split_source(d, d.test_split, classes=spec)
-      accuracy = [self.evaluate(m, p, test)['prefix_accuracy'][-1] for m, p in (before, after)]
-      rows.append({'data': label, 'classes': spec or 'all', 'examples': len(test),
-                   'before': accuracy[0], 'after': accuracy[1],
-                   'change': accuracy[1] - accuracy[0]})
-    if jax.process_index() == 0:
-      total = branches + self.plan.model(0).num_branches
-      print(reporting.forgetting_table(rows, branches, total), flush=True)
-      storage.write_atomic(self.workdir / 'forgetting.json', json.dumps(rows, indent=1))
-    return rows
-
-  def report(self, stage, state, name, split=None):
-    """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
-    d = self.config.data
-    split = split or d.test_split
-    source = input_pipeline.split_source(d, split)
-    model, params = merge_frozen(self.plan.model(stage), state.params)
-    result = self.evaluate(model, params, source)
-    counts = [param_count(first_branches(model, params, k)[1])
-              for k in range(1, model.num_branches + 1)]
-    rows = reporting.prefix_rows(result['prefix_accuracy'], counts)
-    title = (f'{name} (step {int(state.step)}): {d.name} {split}, {result["count"]} examples, '
-             f'accuracy of the first k branches')
-    if jax.process_index() == 0:
-      print(reporting.prefix_table(rows, title), flush=True)
-      base = self.workdir / f'{name}_prefix_accuracy'
-      storage.write_atomic(f'{base}.json', json.dumps(
-          {'step': int(state.step), 'split': split, 'loss': result['loss'],
-           'count': result['count'], 'prefixes': rows}, indent=1))
-      reporting.plot_prefix(rows, f'{base}.png', f'{d.name} {split}, step {int(state.step)}')
-      logging.info('Wrote %s.json and %s.png', base, base)
-    return {'rows': rows, **result}
+def report(trainer, stage, state, name, split=None):
+  """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
+  d = trainer.config.data
+  split = split or d.test_split
+  source = input_pipeline.split_source(d, split)
+  model, params = merge_frozen(trainer.plan.model(stage), state.params)
+  result = trainer.evaluate(model, params, source)
+  counts = [param_count(first_branches(model, params, k)[1])
+            for k in range(1, model.num_branches + 1)]
+  rows = reporting.prefix_rows(result['prefix_accuracy'], counts)
+  title = (f'{name} (step {int(state.step)}): {d.name} {split}, {result["count"]} examples, '
+           f'accuracy of the first k branches')
+  if jax.process_index() == 0:
+    print(reporting.prefix_table(rows, title), flush=True)
+    base = trainer.workdir / f'{name}_prefix_accuracy'
+    storage.write_atomic(f'{base}.json', json.dumps(
+        {'step': int(state.step), 'split': split, 'loss': result['loss'],
+         'count': result['count'], 'prefixes': rows}, indent=1))
+    reporting.plot_prefix(rows, f'{base}.png', f'{d.name} {split}, step {int(state.step)}')
+    logging.info('Wrote %s.json and %s.png', base, base)
+  return {'rows': rows, **result}
 
 
 # Settings that give saved checkpoints their meaning: resuming under other values is refused.
@@ -343,4 +319,4 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None):
     raise ValueError(f'No checkpoint for step {step} in {trainer.ckpts.directory}; saved '
                      f'steps: {sorted(steps_saved)}.')
   state, stage = trainer.restore(step)
-  return trainer.report(stage, state, f'eval_step{step}')
+  return report(trainer, stage, state, f'eval_step{step}')

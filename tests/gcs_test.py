@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import jax
 import pytest
 from etils import epath
 from train_test import tiny_config, trees_equal
@@ -23,6 +22,13 @@ def data_dir(tmp_path_factory):
   # TFDS's array_record files are read by array_record's own C++ GCS client, which does not
   # honour the emulator: the dataset stays local (outside the working directory).
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _bucket(path):
+  """epath.Path of `path`, after dropping gcsfs's cached listings (the runs write from other
+  processes, which this one's cache does not see)."""
+  epath.backend.fsspec_backend.fs('gs://').invalidate_cache()
+  return epath.Path(path)
 
 
 def _main(cwd, data_dir, workdir, *flags, check=True):
@@ -66,14 +72,14 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
   _preempted_then_resumed(cwd, data_dir, preempted)
 
   # What a run writes is in the bucket.
-  names = {p.name for p in epath.Path(preempted).iterdir()}
+  names = {p.name for p in _bucket(preempted).iterdir()}
   assert {'checkpoints', 'config.json', 'metrics.jsonl', 'tensorboard',
           'final_prefix_accuracy.json', 'final_prefix_accuracy.png'} <= names
-  logged = [json.loads(l) for l in (epath.Path(preempted) / 'metrics.jsonl').read_text()
+  logged = [json.loads(l) for l in (_bucket(preempted) / 'metrics.jsonl').read_text()
             .splitlines()]
   assert {'loss', 'val_accuracy'} <= {k for m in logged for k in m}
-  assert any(p.name.startswith('events') for p in (epath.Path(preempted) /
-                                                   'tensorboard').iterdir())
+  assert any(p.name.startswith('events') for p in (_bucket(preempted) / 'tensorboard')
+             .iterdir())
   # Resumed from the bucket, bit-identical to the run that was never interrupted.
   config = tiny_config(data_dir, epochs=1)
   want, got = (train.Trainer(config, w, create=False) for w in (straight, preempted))
@@ -83,8 +89,8 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
 
   # Evaluation, compression and fine-tuning read it from there and write there.
   _main(cwd, data_dir, preempted, '--mode=eval')
-  final = json.loads((epath.Path(preempted) / 'final_prefix_accuracy.json').read_text())
-  evaluated = json.loads((epath.Path(preempted) / 'eval_step13_prefix_accuracy.json')
+  final = json.loads((_bucket(preempted) / 'final_prefix_accuracy.json').read_text())
+  evaluated = json.loads((_bucket(preempted) / 'eval_step13_prefix_accuracy.json')
                          .read_text())
   assert evaluated['prefixes'] == final['prefixes']
   out = subprocess.run(
@@ -93,7 +99,7 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
        f'--config.data.data_dir={data_dir}'], cwd=cwd, env={**os.environ, **ENV},
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  report = json.loads(epath.Path('gs://bucket/small/compression.json').read_text())
+  report = json.loads(_bucket('gs://bucket/small/compression.json').read_text())
   assert report['k'] == 2 and report['source'] == preempted
   tuned = _main(cwd, data_dir, 'gs://bucket/tuned', f'--config.init_from={preempted}',
                 '--config.training.learning_rate=0')

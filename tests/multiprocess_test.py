@@ -47,6 +47,21 @@ def _run(workdir, data_dir, mesh, processes, devices_per_process, flags=()):
   return outs
 
 
+def _final_params(data_dir, workdir, **overrides):
+  """The last parameters of a run, restored in this process (8 devices, another mesh)."""
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  config.update_from_flattened_dict(overrides)
+  trainer = train.Trainer(config, workdir, create=False)
+  return trainer.restore(trainer.ckpts.latest_step())[0].params
+
+
+def _assert_close(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
