@@ -46,12 +46,15 @@ def tpu_devices(topology: str):
     import jax
     raise ImportError(f'--topology needs libtpu, the TPU compiler: pip install '
                       f'"jax[tpu]=={jax.__version__}"')
+  # No TPU is used, only its compiler: let several processes load libtpu at once (its lock
+  # file otherwise makes a second compile, e.g. a test beside a running check, fail).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   import jax
   from jax.experimental import topologies
   try:
     return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
   except jax.errors.JaxRuntimeError as e:
-    raise ValueError(f'--topology={topology!r}: libtpu does not know it ('
+    raise ValueError(f'--topology={topology!r}: libtpu refused it ('
                      f'{str(e).splitlines()[0]}). Write GENERATION:CHIPS, with the chips of '
                      f'the slice as AxB (v5e, v6e) or AxBxC (v4, v5p) in multiples of the '
                      f'chips per host, e.g. {TOPOLOGY_EXAMPLES}.') from e

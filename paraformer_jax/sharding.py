@@ -28,8 +28,14 @@ def make_mesh(data: int = -1, branch: int = 1, devices=None) -> jax.sharding.Mes
   if data * branch != n:
     raise ValueError(f'mesh (data={data}, branch={branch}) needs {data * branch} devices but '
                      f'{n} are available; set config.mesh.data=-1 to use them all.')
-  return jax.make_mesh((data, branch), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 2
+  try:
+    return jax.make_mesh((data, branch), MESH_AXES, axis_types=axis_types, devices=devices)
+  except AssertionError:
+    # jax.make_mesh's physical layout wants one device per chip, which libtpu's topology
+    # descriptions of v4 slices (the ahead-of-time check) are not: take them in order.
+    return jax.sharding.Mesh(np.asarray(devices).reshape(data, branch), MESH_AXES,
+                             axis_types=axis_types)
 
 
 def check_divisible(model: ParaFormer, mesh, batch_size: int | None = None):
