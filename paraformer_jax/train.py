@@ -99,10 +99,10 @@ class Trainer:
     image_size = config.data.image_size
     self.states = StateMaker(config, self.plan, self.tx, self.mesh,
                              (image_size, image_size, self.channels), self.source[1])
-    workdir = storage.path(workdir)
-    self.ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints,
-                                        create=create)
-    self.stage_ckpts = checkpoint.Checkpoints(workdir / 'stages', keep=None, keep_best=False,
+    self.ckpts = checkpoint.Checkpoints(self.workdir / 'checkpoints',
+                                        keep=config.keep_checkpoints, create=create)
+    self.stage_ckpts = checkpoint.Checkpoints(self.workdir / 'stages', keep=None,
+                                              keep_best=False,
                                               create=create and self.plan.stagewise)
     self._eval_steps = {}  # compiled once per branch layout, not once per validation
 

@@ -70,6 +70,8 @@ def test_main_trains_then_evaluates_like_a_user(data_dir, tmp_path):
   bad = subprocess.run(base[:4] + [f'--workdir={tmp_path / "empty"}', base[5], '--mode=eval'],
                        cwd=REPO, env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and 'No checkpoint in' in bad.stderr
+  assert not os.path.exists(tmp_path / 'empty')  # evaluation creates nothing
+  assert not os.path.exists(os.path.join(workdir, 'stages'))  # not a stagewise run
 
 
 @pytest.fixture(scope='module')
