@@ -9,8 +9,14 @@ from PIL import Image, ImageEnhance, ImageOps
 MAX_MAGNITUDE = 30  # RandAugment magnitudes are on a 0..30 scale, as in the authors' code
 
 
+def _gray(img):
+  """Mid-gray in the image's mode: Pillow reads a bare 128 on an RGB image as (128, 0, 0)."""
+  return (128,) * len(img.getbands())
+
+
 def _affine(img, matrix):
-  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=128)
+  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR,
+                       fillcolor=_gray(img))
 
 
 def _signed(v, rng):
@@ -22,7 +28,7 @@ RAND_AUGMENT_OPS = {
     'identity': lambda img, s, rng: img,
     'autocontrast': lambda img, s, rng: ImageOps.autocontrast(img),
     'equalize': lambda img, s, rng: ImageOps.equalize(img),
-    'rotate': lambda img, s, rng: img.rotate(_signed(30 * s, rng), fillcolor=128),
+    'rotate': lambda img, s, rng: img.rotate(_signed(30 * s, rng), fillcolor=_gray(img)),
     'solarize': lambda img, s, rng: ImageOps.solarize(img, int(256 - 256 * s)),
     'posterize': lambda img, s, rng: ImageOps.posterize(img, max(1, int(8 - 4 * s))),
     'contrast': lambda img, s, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * s, rng)),

@@ -83,3 +83,17 @@ def test_process_slices_concatenate_to_the_single_process_batch(tmp_path):
   for b in (0, 19, 40):  # within the first pass and after reshuffles
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([p[b][key] for p in parts]), whole[b][key])
+
+
+@pytest.mark.parametrize('op', ['rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y'])
+def test_geometric_ops_fill_with_gray_on_every_channel(op):
+  """Pillow turns a bare fillcolor=128 into dark red (128, 0, 0) on an RGB image."""
+  from PIL import Image
+  image = np.full((32, 32, 3), (0, 255, 0), np.uint8)  # green: the fill stands out
+  out = np.asarray(augment.RAND_AUGMENT_OPS[op](Image.fromarray(image), 1.0,
+                                                np.random.default_rng(0)))
+  filled = (out != image).any(-1)
+  assert filled.sum() > 20  # the op moved the image and exposed fill
+  edge = out[filled & (np.abs(out.astype(int) - [128, 128, 128]).max(-1) <= 1)]
+  assert len(edge) > 10  # pure fill pixels (away from the blended border) are gray
+  assert not ((out[..., 0] >= 120) & (out[..., 1] <= 10)).any()  # no red fill anywhere
