@@ -36,9 +36,14 @@ class Checkpoints:
                                keep_checkpoints_without_metrics=False))
       # best_fn makes Orbax write the metrics to disk, so the best survives restarts.
       best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode='max')
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies), create=create, **best)
     self.directory = storage.path(directory)
+    # Each manager's own names for its cross-process barriers (Orbax's are the same for
+    # every manager): a run's checkpoints/ and stages/ managers must never share one.
+    multiprocessing = ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=self.directory.name)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies), create=create,
+        multiprocessing_options=multiprocessing, **best)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),

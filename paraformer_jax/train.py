@@ -211,6 +211,9 @@ class Trainer:
         writer.close()
         return None
       if self.plan.stagewise:  # kept for users: the model as each stage left it
+        # One save in flight at a time: a 2-process run once failed here, its finalize of
+        # checkpoints/ step N finding one process's array metadata while stages/ saved N.
+        self.ckpts.wait()
         self.stage_ckpts.save(int(state.step), state, {'stage': stage})
         self.stage_ckpts.wait()
     self.ckpts.wait()
