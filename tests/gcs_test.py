@@ -3,12 +3,12 @@
 fine-tuning, with nothing written to the local working directory."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 from etils import epath
+from conftest import preempt_at
 from train_test import tiny_config, trees_equal
 
 from paraformer_jax import storage, train
@@ -31,35 +31,27 @@ def _bucket(path):
   return epath.Path(path)
 
 
+def _cmd(data_dir, workdir, *flags):
+  return [sys.executable, '-m', 'paraformer_jax.main', f'--config={REPO}/configs/tiny.py',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.training.epochs=1', '--config.log_every_steps=2', *flags]
+
+
 def _main(cwd, data_dir, workdir, *flags, check=True):
-  cmd = [sys.executable, '-m', 'paraformer_jax.main', f'--config={REPO}/configs/tiny.py',
-         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-         '--config.training.epochs=1', '--config.log_every_steps=2', *flags]
-  out = subprocess.run(cmd, cwd=cwd, env={**os.environ, **ENV}, capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run(_cmd(data_dir, workdir, *flags), cwd=cwd, env={**os.environ, **ENV},
+                       capture_output=True, text=True, timeout=600)
   if check:
     assert out.returncode == 0, out.stderr[-3000:]
   return out
 
 
 def _preempted_then_resumed(cwd, data_dir, workdir):
-  cmd = [sys.executable, '-m', 'paraformer_jax.main', f'--config={REPO}/configs/tiny.py',
-         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-         '--config.training.epochs=1', '--config.log_every_steps=2']
-  proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if 'step 4/13' in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  lines += proc.stdout.readlines()
-  assert proc.wait(timeout=300) == 0, ''.join(lines[-30:])
+  proc = subprocess.Popen(_cmd(data_dir, workdir), cwd=cwd, env={**os.environ, **ENV},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = preempt_at([proc], 'step 4/13')
   assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
   resumed = _main(cwd, data_dir, workdir)
   assert 'Resuming from step' in resumed.stderr
-  return lines
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Two processes on 127.0.0.1 (CPU collectives) train and infer like one process."""
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import preempt_at
 
 from configs import tiny
 from paraformer_jax import train
@@ -116,15 +116,7 @@ def stagewise_runs(data_dir, tmp_path_factory):
   _run(one, data_dir, (1, 2), processes=1, devices_per_process=2, flags=flags)
   with open(os.path.join(two, 'process1.log'), 'w') as log1:
     procs = _start(two, data_dir, (1, 2), 2, 1, flags, logs=[None, log1])
-    lines = []
-    for line in procs[0].stdout:
-      lines.append(line)
-      if 'stage 2/2 step 4/13' in line:
-        for p in procs:
-          p.send_signal(signal.SIGTERM)
-        break
-    lines += procs[0].stdout.readlines()
-    assert [p.wait(timeout=300) for p in procs] == [0, 0], ''.join(lines[-30:])
+    lines = preempt_at(procs, 'stage 2/2 step 4/13')
   assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
   outs = _run(two, data_dir, (1, 2), processes=2, devices_per_process=1, flags=flags)
   assert 'Resuming from step' in outs[0] and '(stage 1)' in outs[0]

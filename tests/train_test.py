@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import SMALL
+from conftest import SMALL, preempt_at
 
 from configs import tiny
 from paraformer_jax import input_pipeline, optim, sharding, steps, train
@@ -374,14 +374,7 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, t
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  lines = []
-  for line in proc.stdout:  # wait until training is under way
-    lines.append(line)
-    if 'step 4/52' in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  lines += proc.stdout.readlines()
-  assert proc.wait(timeout=300) == 0, ''.join(lines[-30:])
+  lines = preempt_at([proc], 'step 4/52')
   saved = [l for l in lines if 'Preempted: saved step' in l]
   assert len(saved) == 1, ''.join(lines[-30:])
   step = int(saved[0].split('saved step ')[1].split()[0])
