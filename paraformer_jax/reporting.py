@@ -48,9 +48,9 @@ record_writer.register_writer_factory('gs', _ObjectStoreEventFiles())
 class MetricWriter:
   """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only.
 
-  metrics.jsonl is rewritten whole, never appended to (object stores cannot append): its
-  lines are kept in memory, those of earlier runs in the same workdir read back first. On an
-  object store it is written at most every `REMOTE_FLUSH_S` seconds (and at close).
+  Locally metrics.jsonl is appended to at every write. An object store cannot append: there
+  the lines are kept in memory (those of earlier runs in the same workdir read back first)
+  and the file is rewritten whole at most every `REMOTE_FLUSH_S` seconds, and at close.
   """
   REMOTE_FLUSH_S = 30.0
 
@@ -60,15 +60,19 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # TensorBoard events without TensorFlow
       workdir = storage.path(workdir)
       self._path = workdir / 'metrics.jsonl'
-      self._lines = self._path.read_text().splitlines() if self._path.exists() else []
-      self._every = self.REMOTE_FLUSH_S if storage.is_remote(workdir) else 0.0
+      self._remote = storage.is_remote(workdir)
+      self._lines = (self._path.read_text().splitlines()
+                     if self._remote and self._path.exists() else [])
+      self._unwritten = []  # local: lines not yet appended
+      self._every = self.REMOTE_FLUSH_S if self._remote else 0.0
       self._flushed = time.monotonic()
       self._tb = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict):
     if not self._active:
       return
-    self._lines.append(json.dumps({'step': int(step), **metrics}))
+    (self._lines if self._remote else self._unwritten).append(
+        json.dumps({'step': int(step), **metrics}))
     for name, value in metrics.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
@@ -76,10 +80,16 @@ class MetricWriter:
       self.flush()
 
   def flush(self):
-    if self._active:
+    if not self._active:
+      return
+    if self._remote:
       storage.write_atomic(self._path, ''.join(line + '\n' for line in self._lines))
-      self._tb.flush()
-      self._flushed = time.monotonic()
+    else:
+      with self._path.open('a') as f:
+        f.write(''.join(line + '\n' for line in self._unwritten))
+      self._unwritten = []
+    self._tb.flush()
+    self._flushed = time.monotonic()
 
   def close(self):
     if self._active:

@@ -136,3 +136,18 @@ def test_atomic_writes_leave_no_temporary_file(gcs, tmp_path):
     storage.write_atomic(target, '{"x": 2}')
     assert storage.path(target).read_text() == '{"x": 2}'
     assert [p.name for p in storage.path(target).parent.iterdir()] == ['a.json']
+
+
+def test_metrics_of_a_resumed_run_follow_the_earlier_ones(gcs, tmp_path):
+  """Locally appended, on a bucket rewritten whole: either way every line is kept, once."""
+  del gcs
+  from paraformer_jax import reporting
+  for workdir in (tmp_path / 'run', 'gs://bucket/metrics_run'):
+    for steps in ([1, 2], [3]):  # a run, then its resumption
+      writer = reporting.MetricWriter(workdir)
+      for step in steps:
+        writer.write(step, {'loss': float(step)})
+      writer.close()
+    lines = _bucket(storage.path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{'step': s, 'loss': float(s)}
+                                                    for s in (1, 2, 3)]
