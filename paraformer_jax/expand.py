@@ -67,10 +67,10 @@ def forgetting(trainer, state):
   old_classes = saved['data'].get('classes', '')  # '' (all) in older workdirs
   branches, classes = trainer.source
   before_params, _ = finetune.load_pretrained(trainer.config.expand_from, trainer.mesh)
-  old_model = trainer.plan.model(0).clone(num_branches=branches, num_classes=classes,
-                                          num_frozen_branches=0)
-  before = (old_model, before_params)
-  after = merge_frozen(trainer.plan.model(0), state.params)
+  model = trainer.plan.model(0)
+  before = (model.clone(num_branches=branches, num_classes=classes, num_frozen_branches=0),
+            before_params)
+  after = merge_frozen(model, state.params)
   rows = []
   for label, spec in (('old', old_classes), ('new', d.classes)):
     test = input_pipeline.split_source(d, d.test_split, classes=spec)
@@ -79,7 +79,7 @@ def forgetting(trainer, state):
                  'before': accuracy[0], 'after': accuracy[1],
                  'change': accuracy[1] - accuracy[0]})
   if jax.process_index() == 0:
-    total = branches + trainer.plan.model(0).num_branches
+    total = branches + model.num_branches
     print(reporting.forgetting_table(rows, branches, total), flush=True)
     storage.write_atomic(trainer.workdir / 'forgetting.json', json.dumps(rows, indent=1))
   return rows
