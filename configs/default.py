@@ -24,12 +24,26 @@ def get_config():
   data.num_classes = 10  # classes of the label feature
   data.classes = ''  # keep only these labels, e.g. '0-4' or '1,3,5'; '': all
   data.image_size = 224  # images are resized to image_size x image_size
-  data.crop_padding = 4  # train: random crop after zero padding (0: off)
+  # Train crop: 'pad' (the authors' CIFAR recipe: RandAugment on the stored image, resize,
+  # random crop after zero padding, flip) or 'inception' (ImageNet: random-resized crop of
+  # crop_scale of the area and crop_ratio aspect, flip, then RandAugment).
+  data.train_crop = 'pad'
+  data.crop_padding = 4  # 'pad': zero padding of the random crop (0: off)
+  data.crop_scale = (0.08, 1.0)  # 'inception': area fraction range
+  data.crop_ratio = (3 / 4, 4 / 3)  # 'inception': aspect ratio (w / h) range
   data.flip = True  # train: random horizontal flip
   data.randaugment_layers = 2  # train: RandAugment N (0: off)
   data.randaugment_magnitude = 14  # train: RandAugment M, on the 0..30 scale
+  data.mixup = 0.0  # train: mixup's Beta(a, a) parameter a (0: off); labels become soft
+  data.cutmix = 0.0  # train: CutMix's Beta(a, a) parameter (0: off); both on: 50/50 per pair
+  # Eval: 'resize' (squash the whole image) or 'center' (shorter side to
+  # image_size / eval_crop_fraction, then the central image_size square).
+  data.eval_crop = 'resize'
+  data.eval_crop_fraction = 0.875
   data.mean = 0.5  # normalization: (x / 255 - mean) / std
   data.std = 0.2
+  # Images that do not decode are skipped with a warning; more than this fraction stops.
+  data.max_corrupt_fraction = 0.001
 
   config.model = model = ml_collections.ConfigDict()
   model.patch_size = 16  # image_size must be a multiple of it
@@ -59,6 +73,7 @@ def get_config():
   training.schedule = 'constant'  # 'constant' or 'cosine' (with linear warmup)
   training.warmup_epochs = 0.0  # cosine only
   training.weight_decay = 0.0  # adamw only
+  training.label_smoothing = 0.0  # targets mixed with the uniform distribution
   training.clip_norm = 1.0  # global-norm clipping of the lpa prefix updates
   training.branches_per_stage = 1  # stagewise: branches added (and trained) per stage
   training.train_embed_in_later_stages = False  # stagewise: keep training the embedding?
@@ -68,5 +83,6 @@ def get_config():
   config.eval_every_steps = 0  # validate + checkpoint this often (0: every epoch)
   config.log_every_steps = 50  # progress line and metrics this often
   config.keep_checkpoints = 3  # the last N are kept, plus the best by validation accuracy
-  config.workers = 4  # grain threads preparing batches
+  # grain worker processes preparing batches (0: one thread in the trainer's process).
+  config.workers = 4
   return config

@@ -1,10 +1,12 @@
 """Per-example image preprocessing in numpy/PIL (run by grain workers; no TensorFlow).
 
-Training order follows the authors' torchvision pipeline: RandAugment on the uint8 image,
-resize, random crop with zero padding, horizontal flip, then normalization.
+Two recipes (config.data.train_crop): the authors' CIFAR one ('pad') and ImageNet's
+('inception'); see `train_image`.
 """
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from paraformer_jax import images
 
 MAX_MAGNITUDE = 30  # RandAugment magnitudes are on a 0..30 scale, as in the authors' code
 
@@ -81,13 +83,38 @@ def normalize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
   return ((image.astype(np.float32) / 255.0) - mean) / std
 
 
-def preprocess(image: np.ndarray, aug, rng=None) -> np.ndarray:
-  """uint8 HWC -> float32 [size, size, C]; random augmentation only when rng is given."""
-  if rng is not None and aug.randaugment_layers:
-    image = rand_augment(image, aug.randaugment_layers, aug.randaugment_magnitude, rng)
-  image = resize(image, aug.image_size)
-  if rng is not None:
-    image = random_crop(image, aug.crop_padding, rng)
-    if aug.flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-  return normalize(image, aug.mean, aug.std)
+def flip(image: np.ndarray, prep, rng) -> np.ndarray:
+  return image[:, ::-1] if prep.flip and rng.random() < 0.5 else image
+
+
+def train_image(data, prep, rng) -> np.ndarray:
+  """Encoded bytes or uint8 HWC -> augmented float32 [size, size, C].
+
+  'inception' (ImageNet, big_vision / DeiT order): random-resized crop, flip, RandAugment on
+  the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,
+  resize, zero-padded random crop, flip.
+  """
+  if prep.train_crop == 'inception':
+    img = images.open_image(data)
+    box = images.inception_box(*img.size, prep.crop_scale, prep.crop_ratio, rng)
+    image = flip(images.crop_resize(img, box, prep.image_size, prep.channels), prep, rng)
+    if prep.randaugment_layers:
+      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+  else:
+    image = images.decode(data, prep.channels)
+    if prep.randaugment_layers:
+      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+    image = flip(random_crop(resize(image, prep.image_size), prep.crop_padding, rng), prep, rng)
+  return normalize(image, prep.mean, prep.std)
+
+
+def eval_image(data, prep) -> np.ndarray:
+  """Encoded bytes or uint8 HWC -> float32 [size, size, C]: the central crop of
+  `eval_crop_fraction` of the shorter side ('center'), or the whole image squashed ('resize')."""
+  if prep.eval_crop == 'center':
+    img = images.open_image(data)
+    box = images.center_box(*img.size, prep.eval_crop_fraction)
+    image = images.crop_resize(img, box, prep.image_size, prep.channels)
+  else:
+    image = resize(images.decode(data, prep.channels), prep.image_size)
+  return normalize(image, prep.mean, prep.std)

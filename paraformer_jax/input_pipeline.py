@@ -1,20 +1,26 @@
 """Input pipeline: TFDS array_record sources (`tfds.data_source`) read with grain, no TensorFlow.
 
 Training batches form an indexable grain `MapDataset`: batch i of a stage is a pure function
-of (seed, i), so resuming at step i needs no iterator state beyond the step itself. Each
-process reads its own share of the examples (multi-host). Evaluation batches are padded to a
-fixed size and carry a mask, so every example is counted exactly once.
+of (seed, i), so resuming at step i needs no iterator state beyond the step itself, with or
+without worker processes. Each process reads its own share of the examples (multi-host).
+Evaluation batches are padded to a fixed size and carry a mask, so every example is counted
+exactly once. An image that does not decode is skipped (mask 0) with a warning naming it.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
+from absl import flags
+from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
 from paraformer_jax import augment
+from paraformer_jax import images
+from paraformer_jax import mixing
 from paraformer_jax.datasets import sklearn_digits
 
 LOCAL_DATASETS = {'sklearn_digits': sklearn_digits.prepare}  # built on demand, offline
@@ -25,12 +31,20 @@ def default_data_dir():
 
 
 def get_source(name: str, split: str, data_dir: str | None):
-  """A random-access source of {'image', 'label'} dicts, with a clear error if unavailable."""
+  """A random-access source of {'image', 'label'} dicts, with a clear error if unavailable.
+
+  Encoded images (TFDS `Image` features: ImageNet's JPEGs, CIFAR's PNGs) come as bytes, for
+  `images` to decode at the size the crop needs; other image features come as arrays.
+  """
   data_dir = data_dir or default_data_dir()
   if name in LOCAL_DATASETS:
     LOCAL_DATASETS[name](data_dir)
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    if isinstance(source.dataset_info.features['image'], tfds.features.Image):
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                decoders={'image': tfds.decode.SkipDecoding()})
+    return source
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f'Unknown dataset {name!r} (config.data.name). Use a TFDS name such as '
                      f"'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
@@ -42,6 +56,13 @@ def get_source(name: str, split: str, data_dir: str | None):
         f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
         f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
         f'or point config.data.data_dir at a directory where it is prepared.') from e
+
+
+def image_channels(source) -> int:
+  """Channels of the source's images, from its feature spec (nothing decoded)."""
+  info = getattr(source, 'dataset_info', None)
+  shape = info.features['image'].shape if info is not None else (None,)
+  return int(shape[-1]) if shape[-1] else images.decode(source[0]['image'], 3).shape[-1]
 
 
 def parse_classes(spec: str) -> tuple[int, ...]:
@@ -72,6 +93,10 @@ class ClassSubset:
   def __len__(self):
     return len(self.indices)
 
+  @property
+  def dataset_info(self):
+    return getattr(self.source, 'dataset_info', None)
+
   def __getitem__(self, i):
     return self.source[int(self.indices[i])]
 
@@ -91,22 +116,99 @@ def split_source(data_config, split: str, classes: str | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """What `augment.preprocess` needs, read off config.data."""
+  """What `augment.train_image` / `eval_image` need, read off config.data."""
   image_size: int
+  channels: int
+  train_crop: str
   crop_padding: int
+  crop_scale: tuple
+  crop_ratio: tuple
   flip: bool
   randaugment_layers: int
   randaugment_magnitude: int
+  eval_crop: str
+  eval_crop_fraction: float
   mean: float
   std: float
 
   @classmethod
-  def from_config(cls, data):
-    return cls(data.image_size, data.crop_padding, data.flip, data.randaugment_layers,
-               data.randaugment_magnitude, data.mean, data.std)
+  def from_config(cls, data, channels: int):
+    return cls(data.image_size, channels, data.train_crop, data.crop_padding,
+               tuple(data.crop_scale), tuple(data.crop_ratio), data.flip,
+               data.randaugment_layers, data.randaugment_magnitude, data.eval_crop,
+               data.eval_crop_fraction, data.mean, data.std)
 
 
 SINGLE = (0, 1)  # (index, count) of a process that loads everything
+
+
+def check_config(data, local_batch: int):
+  """Refuse input settings that cannot work, naming the field and what it accepts."""
+  checks = [
+      (data.train_crop in ('pad', 'inception'), 'train_crop', "'pad' or 'inception'"),
+      (data.eval_crop in ('resize', 'center'), 'eval_crop', "'resize' or 'center'"),
+      (len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
+       'crop_scale', '(low, high) with 0 < low <= high <= 1'),
+      (len(data.crop_ratio) == 2 and 0 < data.crop_ratio[0] <= data.crop_ratio[1],
+       'crop_ratio', '(low, high) with 0 < low <= high'),
+      (0 < data.eval_crop_fraction <= 1, 'eval_crop_fraction', 'a fraction in (0, 1]'),
+      (data.mixup >= 0 and data.cutmix >= 0, 'mixup / cutmix', 'Beta parameters >= 0 (0: off)'),
+      (0 <= data.max_corrupt_fraction <= 1, 'max_corrupt_fraction', 'a fraction in [0, 1]'),
+  ]
+  for ok, field, accepts in checks:
+    if not ok:
+      raise ValueError(f'config.data.{field}={getattr(data, field.split()[0])!r}: use {accepts}.')
+  if (data.mixup or data.cutmix) and local_batch % 2:
+    raise ValueError(f'Mixup / CutMix mix rows in pairs, but each process loads '
+                     f'{local_batch} rows of the batch; use an even batch per process.')
+
+
+def _load(source, i: int, prep: Preprocess, make_image):
+  """(image, label, 1.0) of example i, or a blank row with mask 0.0 if it does not decode."""
+  example = source[i]
+  try:
+    return make_image(example['image']), int(example['label']), 1.0
+  except images.CorruptImage as e:
+    logging.warning('Skipped example %d of split %r: its image does not decode (%s).', i,
+                    getattr(source, 'split', '?'), e)
+    shape = (prep.image_size, prep.image_size, prep.channels)
+    return np.zeros(shape, np.float32), 0, 0.0
+
+
+def _stack(rows):
+  image, label, mask = zip(*rows)
+  return {'image': np.stack(image), 'label': np.array(label, np.int32),
+          'mask': np.array(mask, np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch:
+  """Global batch b -> this process's rows (a picklable callable for grain's workers)."""
+  source: object
+  prep: Preprocess
+  seed: int
+  batch_size: int
+  shard: tuple
+  num_classes: int
+  mixup: float
+  cutmix: float
+
+  def __call__(self, b: int):
+    index, count = self.shard
+    local = self.batch_size // count
+    first = index * local
+    order = grain.MapDataset.range(len(self.source)).shuffle(seed=self.seed).repeat()
+    rows = []
+    for r in range(local):
+      p = b * self.batch_size + first + r  # position in the global stream
+      rng = np.random.default_rng((self.seed, p))
+      rows.append(_load(self.source, int(order[p]), self.prep,
+                        lambda data: augment.train_image(data, self.prep, rng)))
+    batch = _stack(rows)
+    if self.mixup > 0 or self.cutmix > 0:
+      batch = mixing.mix_batch(batch, self.num_classes, self.mixup, self.cutmix, self.seed, b,
+                               first)
+    return batch
 
 
 def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE):
@@ -117,59 +219,96 @@ def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE)
   global position. Global batch b is stream[b * batch_size:(b + 1) * batch_size]; the
   process with `shard` = (index, count) (sharding.data_shard) loads and augments only its
   batch_size / count rows of it. So the batches, and the training, do not depend on how
-  many processes share the work.
+  many processes share the work. Rows: 'image', 'label' (soft [rows, classes] with mixup or
+  cutmix), 'mask' (0 for an image that did not decode).
   """
-  index, count = shard
-  local_batch = batch_size // count
-  prep = Preprocess.from_config(data_config)
-
-  def transform(example, rng):
-    return {'image': augment.preprocess(np.asarray(example['image']), prep, rng),
-            'label': np.int32(example['label'])}
-
-  stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  stream = stream.random_map(transform, seed=seed)
-
-  def local_row(j):
-    b, r = divmod(j, local_batch)
-    return stream[b * batch_size + index * local_batch + r]
-
-  rows = grain.MapDataset.range(len(stream) // batch_size * local_batch).map(local_row)
-  return rows.batch(local_batch, drop_remainder=True)
+  d = data_config
+  make = _TrainBatch(source, Preprocess.from_config(d, image_channels(source)), seed,
+                     batch_size, tuple(shard), d.num_classes, d.mixup, d.cutmix)
+  return grain.MapDataset.range(np.iinfo(np.int64).max // batch_size).map(make)
 
 
 def steps_per_epoch(source, batch_size: int) -> int:
   return len(source) // batch_size
 
 
-def iterate(batches, start: int, workers: int = 0):
-  """Iterator over batches[start:], prefetched by grain worker threads."""
-  ds = batches[start:].to_iter_dataset(
-      grain.ReadOptions(num_threads=max(workers, 1), prefetch_buffer_size=4))
-  return iter(ds)
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch:
+  source: object
+  prep: Preprocess
+  indices: np.ndarray  # this process's examples
+  local_batch: int
+
+  def __call__(self, k: int):
+    idx = self.indices[k * self.local_batch:(k + 1) * self.local_batch]
+    rows = [_load(self.source, int(i), self.prep,
+                  lambda data: augment.eval_image(data, self.prep)) for i in idx]
+    blank = (np.zeros((self.prep.image_size, self.prep.image_size, self.prep.channels),
+                      np.float32), 0, 0.0)
+    return _stack(rows + [blank] * (self.local_batch - len(rows)))
 
 
 def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
   """Every example of this process's slice exactly once, in fixed-size padded batches.
 
-  Yields {'image', 'label', 'mask'}; padding rows have mask 0. Slices are split by index,
-  not truncated, so the remainder examples are counted too.
+  A dataset of {'image', 'label', 'mask'}; padding rows (and images that do not decode) have
+  mask 0. Slices are split by index, not truncated, so the remainder examples count too;
+  every process gets the same number of batches (collectives need it).
   """
-  prep = Preprocess.from_config(data_config)
   index, count = shard
   local_batch = batch_size // count
   indices = np.array_split(np.arange(len(source)), count)[index]
-  # Every process runs the same number of batches (collectives need it), padded as needed.
-  per_shard = int(np.ceil(len(source) / count))
-  for start in range(0, max(per_shard, 1), local_batch):
-    idx = indices[start:start + local_batch]
-    images = np.zeros((local_batch, prep.image_size, prep.image_size,
-                       np.asarray(source[0]['image']).shape[-1]), np.float32)
-    labels = np.zeros((local_batch,), np.int32)
-    mask = np.zeros((local_batch,), np.float32)
-    for row, i in enumerate(idx):
-      example = source[int(i)]
-      images[row] = augment.preprocess(np.asarray(example['image']), prep)
-      labels[row] = example['label']
-      mask[row] = 1.0
-    yield {'image': images, 'label': labels, 'mask': mask}
+  per_shard = max(int(np.ceil(len(source) / count)), 1)
+  make = _EvalBatch(source, Preprocess.from_config(data_config, image_channels(source)),
+                    indices, local_batch)
+  return grain.MapDataset.range(-(-per_shard // local_batch)).map(make)
+
+
+class InputWorkerError(RuntimeError):
+  """A grain worker process died."""
+
+
+class Batches:
+  """Iterator over a batch dataset from `start`; `close()` stops the workers.
+
+  workers > 0: that many grain worker *processes* (each prepares whole batches, in order);
+  0: one prefetching thread in this process (small datasets, where starting processes
+  costs more than it saves).
+  """
+
+  def __init__(self, batches, start: int, workers: int = 0):
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app, use defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                           prefetch_buffer_size=4))
+    if workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                       per_worker_buffer_size=2))
+    self._it = iter(ds)
+    self.workers = workers
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._it)
+    except RuntimeError as e:
+      if 'terminated unexpectedly' not in str(e):
+        raise
+      raise InputWorkerError(
+          f'An input worker process died ({e}). Common causes: the host ran out of memory '
+          f'(lower config.workers={self.workers} or the batch size) or a crash in image '
+          f'decoding. The last checkpoint is intact; the same command resumes from it.') from None
+
+  def close(self):
+    close = getattr(self._it, 'close', None)
+    if close is not None:
+      close()
+    # Collected now, not at interpreter exit, where grain's iterators print errors.
+    self._it = None
+    gc.collect()
+
+
+def iterate(batches, start: int = 0, workers: int = 0) -> Batches:
+  return Batches(batches, start, workers)

@@ -29,8 +29,31 @@ class TrainState:
   rng: jax.Array
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(logits, labels, mask=None, label_smoothing: float = 0.0):
+  """Mean cross-entropy over the rows with mask 1 (all rows if mask is None).
+
+  labels: integer [batch], or soft [batch, classes] (mixup / cutmix); label smoothing mixes
+  the targets with the uniform distribution.
+  """
+  if labels.ndim == logits.ndim - 1 and not label_smoothing:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  else:
+    targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+      targets = optax.smooth_labels(targets, label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+  if mask is None:
+    return losses.mean()
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def accuracy(logits, labels, mask=None):
+  """Share of rows (with mask 1) whose top logit is the label (soft labels: its top class)."""
+  hard = labels if labels.ndim == logits.ndim - 1 else jnp.argmax(labels, -1)
+  correct = (jnp.argmax(logits, -1) == hard).astype(jnp.float32)
+  if mask is None:
+    return correct.mean()
+  return (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def split_params(params, frozen_keys):
@@ -40,8 +63,11 @@ def split_params(params, frozen_keys):
 
 
 def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0,
-                    update_mask=None):
+                    update_mask=None, label_smoothing: float = 0.0):
   """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
+
+  batch: 'image', 'label' (integer or soft) and optionally 'mask' (rows with 0 count for
+  nothing: images that did not decode).
 
   `frozen_keys` name top-level parameter groups that get no gradient and no optimizer
   update ('frozen_branches', and in later stages usually 'embed'). `update_mask` freezes
@@ -53,13 +79,16 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
   prefix = sharding.sharded_apply(model, mesh, 'prefix_logits')
   num_branches = model.num_branches  # the trained stack
 
+  def loss_of(logits, batch):
+    return cross_entropy(logits, batch['label'], batch.get('mask'), label_smoothing)
+
   def full_loss(params, batch, rng):
     logits = forward(params, batch['image'], True, rng)
-    return cross_entropy(logits, batch['label']), logits
+    return loss_of(logits, batch), logits
 
   def fused_loss(params, batch, rng):
     logits = prefix(params, batch['image'], True, rng)  # [L, batch, classes]
-    losses = jax.vmap(cross_entropy, in_axes=(0, None))(logits, batch['label'])
+    losses = jax.vmap(loss_of, in_axes=(0, None))(logits, batch)
     return losses.mean(), logits[-1]
 
   def prefix_loss(i):
@@ -68,7 +97,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     def loss(params, batch, rng):
       logits = jax.lax.dynamic_index_in_dim(prefix(params, batch['image'], True, rng), i,
                                             keepdims=False)
-      return cross_entropy(logits, batch['label']), logits
+      return loss_of(logits, batch), logits
     return loss
 
   def update(params, opt_state, batch, rng, loss_fn, clip, num_present=None):
@@ -80,8 +109,8 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     else:
       grad_norm = optax.global_norm(grads)
     trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, update_mask)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-    return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': accuracy,
+    acc = accuracy(logits, batch['label'], batch.get('mask'))
+    return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}
 
   def step(state, batch, lpa_pass=False):

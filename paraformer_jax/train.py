@@ -30,6 +30,12 @@ def check_config(config, mesh):
   if t.mode not in steps.MODES:
     raise ValueError(f'config.training.mode={t.mode!r}; choose one of {steps.MODES}.')
   model = build_model(config)
+  input_pipeline.check_config(config.data, t.batch_size // sharding.data_shard(mesh)[1])
+  if not 0 <= t.label_smoothing < 1:
+    raise ValueError(f'config.training.label_smoothing={t.label_smoothing}: use a value in '
+                     f'[0, 1).')
+  if config.workers < 0:
+    raise ValueError(f'config.workers={config.workers}: use 0 (no worker processes) or more.')
   sharding.check_divisible(model, mesh, t.batch_size)
   sharding.check_divisible(model, mesh, config.eval_batch_size)
   if t.mode == 'stagewise':
@@ -74,6 +80,33 @@ class Preemption:
     return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
 
 
+class CorruptCount:
+  """Training images that did not decode (skipped): a stop once there are too many.
+
+  Too many: more than `max_fraction` of the rows seen, or, during the first pass, of the
+  split (so a dataset that is mostly corrupt stops early, not after an epoch).
+  """
+
+  def __init__(self, max_fraction: float, split_size: int):
+    self.max_fraction, self.split_size = max_fraction, split_size
+    self.seen = self.skipped = 0
+
+  def add(self, mask):
+    self.seen += mask.size
+    self.skipped += int(mask.size - np.count_nonzero(mask))
+
+  def check(self):
+    seen, skipped = self.seen, self.skipped
+    if jax.process_count() > 1:  # every process decides alike
+      seen, skipped = multihost_utils.process_allgather(np.array([seen, skipped])).sum(0)
+    if skipped > self.max_fraction * max(seen, self.split_size):
+      raise ValueError(
+          f'{skipped} of {seen} training images read so far did not decode (see the warnings '
+          f'above for their indices), more than config.data.max_corrupt_fraction='
+          f'{self.max_fraction}. Repair or re-prepare the dataset, or raise that fraction. '
+          f'The last checkpoint is intact.')
+
+
 class Trainer:
   """Holds what a run shares between stages: mesh, data, checkpoints, writer."""
 
@@ -86,7 +119,7 @@ class Trainer:
     d = config.data
     self.train_source = input_pipeline.split_source(d, d.train_split)
     self.val_source = input_pipeline.split_source(d, d.val_split)
-    self.channels = np.asarray(self.train_source[0]['image']).shape[-1]
+    self.channels = input_pipeline.image_channels(self.train_source)
     self.shard = sharding.data_shard(self.mesh)
     spe = input_pipeline.steps_per_epoch(self.train_source, config.training.batch_size)
     if spe < 1:
@@ -120,10 +153,15 @@ class Trainer:
       self._eval_steps[layout] = steps.make_eval_step(model, self.mesh)
     eval_step = self._eval_steps[layout]
     total = None
-    for batch in input_pipeline.eval_batches(source, self.config.data,
-                                             self.config.eval_batch_size, self.shard):
-      out = jax.device_get(eval_step(params, sharding.global_batch(self.mesh, batch)))
-      total = out if total is None else jax.tree.map(np.add, total, out)
+    batches = input_pipeline.eval_batches(source, self.config.data,
+                                          self.config.eval_batch_size, self.shard)
+    data = input_pipeline.iterate(batches, 0, self.config.workers)
+    try:
+      for batch in data:
+        out = jax.device_get(eval_step(params, sharding.global_batch(self.mesh, batch)))
+        total = out if total is None else jax.tree.map(np.add, total, out)
+    finally:
+      data.close()
     count = float(total['count'])
     return {'prefix_accuracy': (total['correct'] / count).tolist(),
             'loss': float(total['loss_sum'] / count), 'count': int(count)}
@@ -145,13 +183,23 @@ class Trainer:
     model = plan.model(stage)
     train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
                                        plan.frozen_keys(stage), config.training.clip_norm,
-                                       self.states.update_mask(state.params))
-    first = stage * plan.steps_per_stage
-    start = int(state.step) - first
+                                       self.states.update_mask(state.params),
+                                       config.training.label_smoothing)
+    start = int(state.step) - stage * plan.steps_per_stage
     batches = input_pipeline.train_batches(self.train_source, config.data,
                                            config.training.batch_size, config.seed + stage,
                                            self.shard)
     data = input_pipeline.iterate(batches, start, config.workers)
+    try:
+      return self._train_loop(stage, state, train_step, data, writer, preemption)
+    finally:
+      data.close()  # stops the worker processes
+
+  def _train_loop(self, stage, state, train_step, data, writer, preemption):
+    plan, config = self.plan, self.config
+    model = plan.model(stage)
+    start = int(state.step) - stage * plan.steps_per_stage
+    corrupt = CorruptCount(config.data.max_corrupt_fraction, len(self.train_source))
     eval_every = config.eval_every_steps or plan.steps_per_epoch
     label = f'stage {stage + 1}/{plan.num_stages} ' if plan.stagewise else ''
     logging.info('%straining %s: %d branches trained, %d frozen; steps %d..%d of this stage',
@@ -159,7 +207,9 @@ class Trainer:
                  start, plan.steps_per_stage)
     tick, tick_step = time.perf_counter(), start
     for i in range(start, plan.steps_per_stage):
-      batch = sharding.global_batch(self.mesh, next(data))
+      batch = next(data)
+      corrupt.add(batch['mask'])
+      batch = sharding.global_batch(self.mesh, batch)
       lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
       state, metrics = train_step(state, batch, lpa_pass=lpa_pass)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -178,6 +228,7 @@ class Trainer:
                                              eta))
         writer.write(step, {**metrics, 'images_per_s': ips, 'stage': stage})
         tick, tick_step = now, done
+        corrupt.check()
       saved = done % eval_every == 0 or done == plan.steps_per_stage
       if saved:
         self.validate_and_save(stage, state, writer)

@@ -99,3 +99,11 @@ def gcs(tmp_path_factory):
     server.terminate()
     server.wait(timeout=10)
     log.close()
+
+
+@pytest.fixture(scope='session')
+def photos_dir(tmp_path_factory):
+  """An imagenet2012 dataset (TFDS array_record, ImageNet's features) of 300 train and 50
+  validation JPEGs cut from scikit-learn's sample photographs (datasets/sample_photos)."""
+  from paraformer_jax.datasets import sample_photos
+  return str(sample_photos.write(tmp_path_factory.mktemp('photos')))

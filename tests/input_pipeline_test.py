@@ -19,18 +19,21 @@ def _check_batch(batch, config, batch_size, channels):
 
 
 @pytest.mark.parametrize('get_config', [cifar10.get_config, imagenet.get_config],
-                         ids=['cifar10', 'imagenet2012'])
-def test_mock_pipelines_make_shaped_normalized_batches(get_config):
+                         ids=['cifar_recipe', 'imagenet_recipe'])
+def test_both_recipes_make_shaped_normalized_batches_from_jpegs(get_config, photos_dir):
   config = get_config()
-  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = input_pipeline.get_source(config.data.name, config.data.train_split, None)
-    batches = input_pipeline.train_batches(source, config.data, batch_size=4, seed=0)
-    _check_batch(batches[0], config, 4, 3)
-    assert not np.array_equal(batches[0]['image'], batches[1]['image'])
-    test = input_pipeline.get_source(config.data.name, config.data.test_split, None)
-    evals = list(input_pipeline.eval_batches(test, config.data, batch_size=5))
-  assert [b['mask'].sum() for b in evals] == [5, 5, 2]  # 12 examples, each once
-  _check_batch(evals[0], config, 5, 3)
+  config.data.name, config.data.data_dir = 'imagenet2012', photos_dir
+  config.data.num_classes = 1000
+  config.data.mixup = 0.0
+  source = input_pipeline.get_source('imagenet2012', 'train', photos_dir)
+  assert isinstance(source[0]['image'], bytes)  # decoded by us, at the size the crop needs
+  batches = input_pipeline.train_batches(source, config.data, batch_size=4, seed=0)
+  _check_batch(batches[0], config, 4, 3)
+  assert not np.array_equal(batches[0]['image'], batches[1]['image'])
+  test = input_pipeline.get_source('imagenet2012', 'validation', photos_dir)
+  evals = list(input_pipeline.eval_batches(test, config.data, batch_size=16))
+  assert [b['mask'].sum() for b in evals] == [16, 16, 16, 2]  # 50 examples, each once
+  _check_batch(evals[0], config, 16, 3)
 
 
 def test_train_batches_are_a_pure_function_of_seed_and_index(tmp_path):
