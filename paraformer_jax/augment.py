@@ -95,9 +95,8 @@ def train_image(data, prep, rng) -> np.ndarray:
   resize, zero-padded random crop, flip.
   """
   if prep.train_crop == 'inception':
-    img = images.open_image(data)
-    box = images.inception_box(*img.size, prep.crop_scale, prep.crop_ratio, rng)
-    image = flip(images.crop_resize(img, box, prep.image_size, prep.channels), prep, rng)
+    box = images.inception_box(*images.image_size(data), prep.crop_scale, prep.crop_ratio, rng)
+    image = flip(images.crop_resize(data, box, prep.image_size, prep.channels), prep, rng)
     if prep.randaugment_layers:
       image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
   else:
@@ -112,9 +111,8 @@ def eval_image(data, prep) -> np.ndarray:
   """Encoded bytes or uint8 HWC -> float32 [size, size, C]: the central crop of
   `eval_crop_fraction` of the shorter side ('center'), or the whole image squashed ('resize')."""
   if prep.eval_crop == 'center':
-    img = images.open_image(data)
-    box = images.center_box(*img.size, prep.eval_crop_fraction)
-    image = images.crop_resize(img, box, prep.image_size, prep.channels)
+    box = images.center_box(*images.image_size(data), prep.eval_crop_fraction)
+    image = images.crop_resize(data, box, prep.image_size, prep.channels)
   else:
     image = resize(images.decode(data, prep.channels), prep.image_size)
   return normalize(image, prep.mean, prep.std)

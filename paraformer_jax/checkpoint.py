@@ -86,10 +86,17 @@ class Checkpoints:
     return list(self._manager.all_steps())
 
   def best_step(self) -> int | None:
-    """The step with the highest validation accuracy among those saved with metrics."""
+    """The step with the highest validation accuracy among those saved with metrics, of
+    the latest checkpoint's stage: an earlier stage of a stagewise run is a smaller model,
+    not a candidate for the run's result."""
     self._manager.wait_until_finished()
+    latest = self._manager.latest_step()
+    if latest is None:
+      return None
+    stage = self.meta(latest).get('stage', 0)
     scored = [(m[BEST_METRIC], step) for step in self._manager.all_steps()
-              if (m := self._manager.metrics(step)) and BEST_METRIC in m]
+              if (m := self._manager.metrics(step)) and BEST_METRIC in m
+              and self.meta(step).get('stage', 0) == stage]
     return max(scored)[1] if scored else None
 
   def meta(self, step: int) -> dict:

@@ -1,52 +1,73 @@
 """Decoding and cropping of stored images, and the ImageNet crops (big_vision's, DeiT's).
 
 Datasets whose TFDS feature is an encoded `Image` (ImageNet's JPEGs, CIFAR's PNGs) reach us
-as bytes (`tfds.decode.SkipDecoding`), so we choose how to decode. For a crop that is then
-shrunk to the output size, PIL's `draft` makes libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT
-scaling) whenever the crop still has at least the output's pixels at that scale: the decode,
-most of an example's cost, shrinks with it. Grayscale and CMYK files are converted to the
-dataset's channels; a file that does not decode raises `CorruptImage`.
+as bytes (`tfds.decode.SkipDecoding`), so we choose how to decode. JPEGs go through
+simplejpeg (libjpeg-turbo), 2-3x faster than PIL's decoder on the same files
+(benchmarks/input_pipeline.py); other formats, and the JPEGs libjpeg-turbo cannot convert to
+RGB (CMYK), through PIL. For a crop that is then shrunk to the output size, libjpeg decodes
+at 1/2, 1/4 or 1/8 scale (DCT scaling) whenever the crop keeps at least the output's pixels
+at that scale: the decode, most of an example's cost, shrinks with it. Grayscale and CMYK files are converted
+to the dataset's channels; a file that does not decode raises `CorruptImage`.
 """
 import io
 import math
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
-DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes directly
+DCT_SCALES = (8, 4, 2, 1)  # reductions libjpeg-turbo decodes faster than full size
+JPEG_MAGIC = b'\xff\xd8\xff'
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
 class CorruptImage(ValueError):
   """An example's image bytes do not decode."""
 
 
-def open_image(data) -> Image.Image:
-  """A PIL image of encoded bytes (header read, pixels not yet decoded) or of an array."""
-  if isinstance(data, np.ndarray) and data.dtype != object:
-    return Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
+def _is_array(data) -> bool:
+  return isinstance(data, np.ndarray) and data.dtype != object
+
+
+def image_size(data) -> tuple[int, int]:
+  """(width, height), from the header alone for encoded bytes."""
+  if _is_array(data):
+    return data.shape[1], data.shape[0]
+  data = bytes(data)
   try:
-    return Image.open(io.BytesIO(bytes(data)))
-  except (OSError, ValueError, SyntaxError) as e:
+    if data[:3] == JPEG_MAGIC:
+      height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+      return width, height
+    return Image.open(io.BytesIO(data)).size
+  except DECODE_ERRORS as e:
     raise CorruptImage(str(e)) from e
 
 
-def to_array(img: Image.Image, channels: int) -> np.ndarray:
-  """uint8 HWC with `channels` channels; decodes (and converts gray / CMYK) if still needed."""
-  mode = 'L' if channels == 1 else 'RGB'
+def _pil_decode(data: bytes, channels: int) -> np.ndarray:
   try:
-    if img.mode != mode:
-      img = img.convert(mode)
-    out = np.asarray(img, np.uint8)
-  except (OSError, ValueError, SyntaxError, EOFError) as e:
+    img = Image.open(io.BytesIO(data))
+    mode = 'L' if channels == 1 else 'RGB'
+    return np.asarray(img if img.mode == mode else img.convert(mode), np.uint8)
+  except DECODE_ERRORS as e:
     raise CorruptImage(str(e)) from e
-  return out[..., None] if channels == 1 else out
 
 
-def decode(data, channels: int) -> np.ndarray:
-  """The whole image, uint8 HWC."""
-  if isinstance(data, np.ndarray) and data.dtype != object:
+def decode(data, channels: int, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+  """uint8 HWC with `channels` channels; JPEGs at the smallest DCT scale that keeps at least
+  min_width x min_height (0: full size). Arrays pass through."""
+  if _is_array(data):
     return data
-  return to_array(open_image(data), channels)
+  data = bytes(data)
+  out = None
+  if data[:3] == JPEG_MAGIC:
+    try:
+      out = simplejpeg.decode_jpeg(data, 'GRAY' if channels == 1 else 'RGB',
+                                   min_width=min_width, min_height=min_height)
+    except ValueError:  # CMYK, or damaged: PIL converts the one and rejects the other
+      pass
+  if out is None:
+    out = _pil_decode(data, channels)
+  return out.reshape(out.shape[:2] + (channels,))
 
 
 def inception_box(width: int, height: int, scale, ratio, rng):
@@ -84,21 +105,17 @@ def center_box(width: int, height: int, fraction: float):
   return (width - side) / 2, (height - side) / 2, side, side
 
 
-def crop_resize(img: Image.Image, box, size: int, channels: int) -> np.ndarray:
-  """img[box] resized (bilinear, antialiased) to size x size, decoding at reduced scale
-  where the crop allows; uint8 HWC."""
+def crop_resize(data, box, size: int, channels: int) -> np.ndarray:
+  """image[box] resized (bilinear, antialiased) to size x size; uint8 HWC. Decodes at a
+  reduced scale where the crop allows."""
   left, top, w, h = box
-  width, height = img.size
-  if img.format == 'JPEG':
-    k = next(k for k in DCT_SCALES if min(w, h) / k >= size or k == 1)
-    if k > 1:
-      img.draft(img.mode, (width // k, height // k))
-  sx, sy = img.size[0] / width, img.size[1] / height
-  try:
-    if img.mode not in ('L', 'RGB'):  # CMYK, palette, 16-bit: resize in the output's mode
-      img = img.convert('L' if channels == 1 else 'RGB')
-    img = img.resize((size, size), Image.BILINEAR,
-                     box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-  except (OSError, ValueError, SyntaxError, EOFError) as e:
-    raise CorruptImage(str(e)) from e
-  return to_array(img, channels)
+  width, height = image_size(data)
+  # Only 1/2, 1/4, 1/8: libjpeg-turbo's other M/8 scales decode slower than full size.
+  k = next(k for k in DCT_SCALES if min(w, h) / k >= size or k == 1)
+  image = decode(data, channels, math.ceil(width / k) if k > 1 else 0,
+                 math.ceil(height / k) if k > 1 else 0)
+  sx, sy = image.shape[1] / width, image.shape[0] / height
+  img = Image.fromarray(image[..., 0] if channels == 1 else image)
+  img = img.resize((size, size), Image.BILINEAR,
+                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+  return np.asarray(img, np.uint8).reshape(size, size, channels)

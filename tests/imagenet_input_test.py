@@ -57,20 +57,24 @@ def test_eval_center_crop_is_the_central_slice():
   image = rng.integers(0, 256, (256, 300, 3), dtype=np.uint8)  # shorter side 256 = 224 / 0.875
   box = images.center_box(300, 256, 0.875)
   assert box == (38.0, 16.0, 224.0, 224.0)
-  out = images.crop_resize(images.open_image(image), box, 224, 3)
+  out = images.crop_resize(image, box, 224, 3)
   np.testing.assert_array_equal(out, image[16:240, 38:262])
 
 
-def test_reduced_size_decode_matches_a_full_decode():
-  """A 1200x1000 JPEG cropped to 224: libjpeg decodes it at 1/2 scale (DCT scaling); the
-  result must match crop-and-resize of the full decode to within a few gray levels."""
+def test_reduced_size_decode_matches_a_full_decode(monkeypatch):
+  """A 1200x1000 JPEG center-cropped to 224: libjpeg decodes it at half scale (DCT
+  scaling); the result must match crop-and-resize of the full decode (PIL) within a few
+  gray levels."""
   photo = next(sample_photos.photo_jpegs(1, seed=3))
   big = np.asarray(Image.open(io.BytesIO(photo)).resize((1200, 1000), Image.BICUBIC))
   data = _jpeg(big, quality=95)
-  box = images.center_box(1200, 1000, 0.875)
-  img = images.open_image(data)
-  fast = images.crop_resize(img, box, 224, 3)
-  assert img.size == (600, 500)  # drafted: half scale
+  box = images.center_box(1200, 1000, 0.875)  # 875 px square -> 224: 0.256 of the pixels
+  decoded = []
+  real_decode = images.decode
+  monkeypatch.setattr(images, 'decode', lambda *a: decoded.append(real_decode(*a).shape)
+                      or real_decode(*a))
+  fast = images.crop_resize(data, box, 224, 3)
+  assert decoded == [(500, 600, 3)]  # half scale: the 437 px crop still exceeds 224
   full = np.asarray(Image.open(io.BytesIO(data)).convert('RGB').resize(
       (224, 224), Image.BILINEAR, box=(box[0], box[1], box[0] + box[2], box[1] + box[3])))
   diff = np.abs(fast.astype(int) - full.astype(int))

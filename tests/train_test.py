@@ -14,7 +14,7 @@ import pytest
 from conftest import SMALL, preempt_at
 
 from configs import tiny
-from paraformer_jax import input_pipeline, optim, sharding, steps, train
+from paraformer_jax import checkpoint, input_pipeline, optim, sharding, steps, train
 from paraformer_jax.model import ParaFormer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,11 @@ def _interrupting(after, error=KeyboardInterrupt, poison=False):
   real_iterate = input_pipeline.iterate
 
   def iterate(batches, start, workers=0):
-    it = real_iterate(batches, start, workers)
+    if len(batches) < 10**9:  # evaluation's finite batches pass through untouched
+      return real_iterate(batches, start, workers)
+    return interrupted(real_iterate(batches, start, workers))
+
+  def interrupted(it):
     for _ in range(after):
       yield next(it)
     if not poison:
@@ -541,3 +545,14 @@ def test_compressed_checkpoint_gives_the_logits_of_the_kept_branches(straight_ru
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   with pytest.raises(FileExistsError, match='exists'):
     compress.compress(config, workdir, out, k=2)
+
+
+def test_best_step_is_chosen_among_the_final_stage_checkpoints(tmp_path):
+  """A stagewise run's stage-1 checkpoint may score best on validation, but it is a smaller
+  model: init_from / expand_from / compress then failed on its 2-branch shapes."""
+  ckpts = checkpoint.Checkpoints(tmp_path / 'checkpoints', keep=None)
+  state = {'w': np.zeros(3, np.float32)}
+  for step, stage, acc in ((10, 0, 0.9), (20, 1, 0.7), (30, 1, 0.8), (40, 1, 0.75)):
+    ckpts.save(step, state, {'stage': stage}, metrics={'val_accuracy': acc})
+  ckpts.wait()
+  assert ckpts.best_step() == 30

@@ -1,0 +1,112 @@
+"""Input pipeline throughput on ImageNet-sized JPEGs: decode, per-example work, worker scaling.
+
+Writes (or reuses) the sample-photo imagenet2012 dataset (paraformer_jax/datasets/
+sample_photos.py: real photographs, ~500x375, JPEG quality 90) and measures, in one run:
+  (a) raw JPEG decode of the same files (PIL, full size, RGB array);
+  (b) the train preprocessing per example, in this process (decode, crop, flip, RandAugment,
+      normalize; mixup is per batch and counted in (c));
+  (c) the full train pipeline (grain, batches as the trainer gets them) with 1 and 2 worker
+      processes;
+  (d) the eval pipeline, per example in this process and with 1 worker process;
+  (e) the authors' CIFAR recipe at 224 px per example (32x32 PNGs), for comparison.
+(a), (b), (d, in-process) and (e) run on one core; (c) and (d, 1 worker) use that many
+worker processes (the main process only collects batches).
+
+  python benchmarks/input_pipeline.py [--config=imagenet] [--batch=64] [--seconds=10]
+"""
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from configs import cifar10, imagenet  # noqa: E402
+from paraformer_jax import augment, input_pipeline  # noqa: E402
+from paraformer_jax.datasets import sample_photos  # noqa: E402
+
+
+def rate(fn, items, seconds):
+  """Items per second of fn over `items` (cycled) for about `seconds`, after one warm-up."""
+  fn(items[0])
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    fn(items[count % len(items)])
+    count += 1
+  return count / (time.perf_counter() - start)
+
+
+def pipeline_rate(batches, workers, batch, seconds):
+  """Images per second of iterate(batches, workers) after the first 2 batches (start-up)."""
+  it = input_pipeline.iterate(batches, 0, workers)
+  for _ in range(2):
+    next(it)
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    next(it)
+    count += batch
+  result = count / (time.perf_counter() - start)
+  it.close()
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(),
+                                                         'pf_sample_photos'))
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--seconds', type=float, default=10.0)
+  parser.add_argument('--workers', default='1,2')
+  args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  if not os.path.exists(os.path.join(args.data_dir, 'imagenet2012')):
+    sample_photos.write(args.data_dir)
+  data = imagenet.get_config().data
+  data.data_dir = args.data_dir
+  train = input_pipeline.get_source('imagenet2012', 'train', args.data_dir)
+  val = input_pipeline.get_source('imagenet2012', 'validation', args.data_dir)
+  jpegs = [train[i]['image'] for i in range(len(train))]
+  prep = input_pipeline.Preprocess.from_config(data, 3)
+  rng = np.random.default_rng(0)
+  rows = []
+
+  def add(name, value, base=None):
+    rows.append((name, value, value / base if base else None))
+    print(f'{name:<52} {value:8.1f} img/s' + (f'  {value / base:5.2f}x decode' if base else ''),
+          flush=True)
+
+  decode = rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert('RGB')), jpegs,
+                args.seconds)
+  add('(a) raw JPEG decode (PIL, 1 core)', decode)
+  add('(b) train preprocessing per example (1 core)',
+      rate(lambda b: augment.train_image(b, prep, rng), jpegs, args.seconds), decode)
+  batches = input_pipeline.train_batches(train, data, args.batch, seed=0)
+  for w in [int(w) for w in args.workers.split(',')]:
+    add(f'(c) train pipeline, {w} worker process{"es" if w > 1 else ""}',
+        pipeline_rate(batches, w, args.batch, args.seconds), decode)
+  add('(d) eval preprocessing per example (1 core)',
+      rate(lambda b: augment.eval_image(b, prep), jpegs, args.seconds), decode)
+  evals = input_pipeline.eval_batches(val, data, 16)  # 50 images; cycled by repeat
+  add('(d) eval pipeline, 1 worker process',
+      pipeline_rate(evals.repeat(), 1, 16, args.seconds), decode)
+  cifar = cifar10.get_config().data
+  pngs = []
+  for b in jpegs[:64]:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(b)).convert('RGB').resize((32, 32), Image.BILINEAR).save(out, 'PNG')
+    pngs.append(out.getvalue())
+  cprep = input_pipeline.Preprocess.from_config(cifar, 3)
+  add('(e) CIFAR recipe at 224 px per example (32x32 PNG, 1 core)',
+      rate(lambda b: augment.train_image(b, cprep, rng), pngs, args.seconds))
+  print(f'\ncores: {os.cpu_count()}; images {len(jpegs)} train JPEGs, mean '
+        f'{np.mean([len(b) for b in jpegs]) / 1024:.0f} KiB')
+
+
+if __name__ == '__main__':
+  main()
