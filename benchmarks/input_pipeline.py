@@ -2,9 +2,11 @@
 
 Writes (or reuses) the sample-photo imagenet2012 dataset (paraformer_jax/datasets/
 sample_photos.py: real photographs, ~500x375, JPEG quality 90) and measures, in one run:
-  (a) raw JPEG decode of the same files (PIL, full size, RGB array);
-  (b) the train preprocessing per example, in this process (decode, crop, flip, RandAugment,
-      normalize; mixup is per batch and counted in (c));
+  (a) raw JPEG decode of the same files, full size to an RGB array, with PIL and with
+      simplejpeg (libjpeg-turbo, what the pipeline uses; the ratios are to this one);
+  (b) the train preprocessing per example, in this process: what a worker does (decode,
+      crop, flip, RandAugment, to uint8); normalization and mixup run per batch in the
+      trainer's process ("finish", also timed) and are part of (c);
   (c) the full train pipeline (grain, batches as the trainer gets them) with 1 and 2 worker
       processes;
   (d) the eval pipeline, per example in this process and with 1 worker process;
@@ -24,6 +26,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 import numpy as np  # noqa: E402
+import simplejpeg  # noqa: E402
 from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -81,15 +84,20 @@ def main():
     print(f'{name:<52} {value:8.1f} img/s' + (f'  {value / base:5.2f}x decode' if base else ''),
           flush=True)
 
-  decode = rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert('RGB')), jpegs,
-                args.seconds)
-  add('(a) raw JPEG decode (PIL, 1 core)', decode)
+  add('(a) raw JPEG decode, PIL (1 core)',
+      rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert('RGB')), jpegs, args.seconds))
+  decode = rate(lambda b: simplejpeg.decode_jpeg(b, 'RGB'), jpegs, args.seconds)
+  add('(a) raw JPEG decode, simplejpeg (1 core; the base of the ratios)', decode)
   add('(b) train preprocessing per example (1 core)',
       rate(lambda b: augment.train_image(b, prep, rng), jpegs, args.seconds), decode)
   batches = input_pipeline.train_batches(train, data, args.batch, seed=0)
   for w in [int(w) for w in args.workers.split(',')]:
     add(f'(c) train pipeline, {w} worker process{"es" if w > 1 else ""}',
         pipeline_rate(batches, w, args.batch, args.seconds), decode)
+  finish = batches.finish
+  raw = batches.raw[0]
+  add(f'    finish in the trainer process, per example (batch {args.batch})',
+      rate(lambda _: finish(raw), [0], args.seconds) * args.batch)
   add('(d) eval preprocessing per example (1 core)',
       rate(lambda b: augment.eval_image(b, prep), jpegs, args.seconds), decode)
   evals = input_pipeline.eval_batches(val, data, 16)  # 50 images; cycled by repeat

@@ -17,8 +17,9 @@ def _gray(img):
 
 
 def _affine(img, matrix):
-  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR,
-                       fillcolor=_gray(img))
+  # Nearest neighbour, like rotate and like the references' RandAugments (torchvision's,
+  # TF's used by big_vision, PIL ones): bilinear cost 13x more at 224 px.
+  return img.transform(img.size, Image.AFFINE, matrix, fillcolor=_gray(img))
 
 
 def _signed(v, rng):
@@ -48,15 +49,16 @@ RAND_AUGMENT_OPS = {
 }
 
 
+def _rand_augment(img: Image.Image, layers: int, magnitude: int, rng) -> Image.Image:
+  for name in rng.choice(list(RAND_AUGMENT_OPS), size=layers):
+    img = RAND_AUGMENT_OPS[name](img, magnitude / MAX_MAGNITUDE, rng)
+  return img
+
+
 def rand_augment(image: np.ndarray, layers: int, magnitude: int, rng) -> np.ndarray:
   """`layers` ops drawn uniformly, each at strength magnitude / 30; uint8 HWC in and out."""
-  gray = image.shape[-1] == 1
-  img = Image.fromarray(image[..., 0] if gray else image)
-  names = list(RAND_AUGMENT_OPS)
-  for name in rng.choice(names, size=layers):
-    img = RAND_AUGMENT_OPS[name](img, magnitude / MAX_MAGNITUDE, rng)
-  out = np.asarray(img, np.uint8)
-  return out[..., None] if gray else out
+  img = _rand_augment(images.to_pil(image), layers, magnitude, rng)
+  return np.asarray(img, np.uint8).reshape(image.shape)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -83,12 +85,9 @@ def normalize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
   return ((image.astype(np.float32) / 255.0) - mean) / std
 
 
-def flip(image: np.ndarray, prep, rng) -> np.ndarray:
-  return image[:, ::-1] if prep.flip and rng.random() < 0.5 else image
-
-
 def train_image(data, prep, rng) -> np.ndarray:
-  """Encoded bytes or uint8 HWC -> augmented float32 [size, size, C].
+  """Encoded bytes or uint8 HWC -> augmented uint8 [size, size, C] (normalized later, per
+  batch, in the trainer's process: see input_pipeline).
 
   'inception' (ImageNet, big_vision / DeiT order): random-resized crop, flip, RandAugment on
   the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,
@@ -96,23 +95,24 @@ def train_image(data, prep, rng) -> np.ndarray:
   """
   if prep.train_crop == 'inception':
     box = images.inception_box(*images.image_size(data), prep.crop_scale, prep.crop_ratio, rng)
-    image = flip(images.crop_resize(data, box, prep.image_size, prep.channels), prep, rng)
+    img = images.crop_resize(data, box, prep.image_size, prep.channels)
+    if prep.flip and rng.random() < 0.5:
+      img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if prep.randaugment_layers:
-      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
-  else:
-    image = images.decode(data, prep.channels)
-    if prep.randaugment_layers:
-      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
-    image = flip(random_crop(resize(image, prep.image_size), prep.crop_padding, rng), prep, rng)
-  return normalize(image, prep.mean, prep.std)
+      img = _rand_augment(img, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+    return images.to_array(img, prep.channels)
+  image = images.decode(data, prep.channels)
+  if prep.randaugment_layers:
+    image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+  image = random_crop(resize(image, prep.image_size), prep.crop_padding, rng)
+  return image[:, ::-1] if prep.flip and rng.random() < 0.5 else image
 
 
 def eval_image(data, prep) -> np.ndarray:
-  """Encoded bytes or uint8 HWC -> float32 [size, size, C]: the central crop of
+  """Encoded bytes or uint8 HWC -> uint8 [size, size, C]: the central crop of
   `eval_crop_fraction` of the shorter side ('center'), or the whole image squashed ('resize')."""
   if prep.eval_crop == 'center':
     box = images.center_box(*images.image_size(data), prep.eval_crop_fraction)
-    image = images.crop_resize(data, box, prep.image_size, prep.channels)
-  else:
-    image = resize(images.decode(data, prep.channels), prep.image_size)
-  return normalize(image, prep.mean, prep.std)
+    return images.to_array(images.crop_resize(data, box, prep.image_size, prep.channels),
+                           prep.channels)
+  return resize(images.decode(data, prep.channels), prep.image_size)

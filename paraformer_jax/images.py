@@ -105,9 +105,18 @@ def center_box(width: int, height: int, fraction: float):
   return (width - side) / 2, (height - side) / 2, side, side
 
 
-def crop_resize(data, box, size: int, channels: int) -> np.ndarray:
-  """image[box] resized (bilinear, antialiased) to size x size; uint8 HWC. Decodes at a
-  reduced scale where the crop allows."""
+def to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def to_array(img: Image.Image, channels: int) -> np.ndarray:
+  out = np.asarray(img, np.uint8)
+  return out.reshape(out.shape[:2] + (channels,))
+
+
+def crop_resize(data, box, size: int, channels: int) -> Image.Image:
+  """image[box] resized (bilinear, antialiased) to size x size, as a PIL image. Decodes at
+  a reduced scale where the crop allows."""
   left, top, w, h = box
   width, height = image_size(data)
   # Only 1/2, 1/4, 1/8: libjpeg-turbo's other M/8 scales decode slower than full size.
@@ -115,7 +124,5 @@ def crop_resize(data, box, size: int, channels: int) -> np.ndarray:
   image = decode(data, channels, math.ceil(width / k) if k > 1 else 0,
                  math.ceil(height / k) if k > 1 else 0)
   sx, sy = image.shape[1] / width, image.shape[0] / height
-  img = Image.fromarray(image[..., 0] if channels == 1 else image)
-  img = img.resize((size, size), Image.BILINEAR,
-                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-  return np.asarray(img, np.uint8).reshape(size, size, channels)
+  return to_pil(image).resize((size, size), Image.BILINEAR,
+                              box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))

@@ -164,15 +164,19 @@ def check_config(data, local_batch: int):
 
 
 def _load(source, i: int, prep: Preprocess, make_image):
-  """(image, label, 1.0) of example i, or a blank row with mask 0.0 if it does not decode."""
+  """(uint8 image, label, 1.0) of example i, or a blank row with mask 0.0 if it does not
+  decode."""
   example = source[i]
   try:
     return make_image(example['image']), int(example['label']), 1.0
   except images.CorruptImage as e:
     logging.warning('Skipped example %d of split %r: its image does not decode (%s).', i,
                     getattr(source, 'split', '?'), e)
-    shape = (prep.image_size, prep.image_size, prep.channels)
-    return np.zeros(shape, np.float32), 0, 0.0
+    return _blank(prep)
+
+
+def _blank(prep):
+  return np.zeros((prep.image_size, prep.image_size, prep.channels), np.uint8), 0, 0.0
 
 
 def _stack(rows):
@@ -182,14 +186,49 @@ def _stack(rows):
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchDataset:
+  """Batches made in two parts: `raw` (decode and augment to uint8: grain worker processes
+  run it) and `finish` (normalize to float32, mix: the trainer's process runs it, so a
+  quarter of the bytes cross between processes). Indexable like the grain dataset."""
+  raw: grain.MapDataset
+  finish: object
+
+  def __len__(self):
+    return len(self.raw)
+
+  def __getitem__(self, i):
+    return self.finish(self.raw[i])
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def repeat(self):
+    return BatchDataset(self.raw.repeat(), self.finish)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finish:
+  """uint8 batch (+ mixing parameters) -> float32 normalized batch (mixed, soft labels)."""
+  prep: Preprocess
+  num_classes: int
+
+  def __call__(self, raw):
+    image = augment.normalize(raw['image'], self.prep.mean, self.prep.std)
+    batch = {'image': image, 'label': raw['label'], 'mask': raw['mask']}
+    if 'mix_lam' in raw:
+      batch['image'], batch['label'] = mixing.apply(image, raw['label'], raw['mix_lam'],
+                                                    raw['mix_box'], self.num_classes)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
 class _TrainBatch:
-  """Global batch b -> this process's rows (a picklable callable for grain's workers)."""
+  """Global batch b -> this process's rows, uint8 (a picklable callable for grain's workers)."""
   source: object
   prep: Preprocess
   seed: int
   batch_size: int
   shard: tuple
-  num_classes: int
   mixup: float
   cutmix: float
 
@@ -206,12 +245,14 @@ class _TrainBatch:
                         lambda data: augment.train_image(data, self.prep, rng)))
     batch = _stack(rows)
     if self.mixup > 0 or self.cutmix > 0:
-      batch = mixing.mix_batch(batch, self.num_classes, self.mixup, self.cutmix, self.seed, b,
-                               first)
+      size = self.prep.image_size
+      batch['mix_lam'], batch['mix_box'] = mixing.pair_params(
+          batch['mask'], self.mixup, self.cutmix, self.seed, b, first, size, size)
     return batch
 
 
-def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE):
+def train_batches(source, data_config, batch_size: int, seed: int,
+                  shard=SINGLE) -> BatchDataset:
   """Indexable, endless dataset of this process's rows of every global batch.
 
   All processes see one global stream: a fresh permutation of the whole split per pass
@@ -219,13 +260,14 @@ def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE)
   global position. Global batch b is stream[b * batch_size:(b + 1) * batch_size]; the
   process with `shard` = (index, count) (sharding.data_shard) loads and augments only its
   batch_size / count rows of it. So the batches, and the training, do not depend on how
-  many processes share the work. Rows: 'image', 'label' (soft [rows, classes] with mixup or
-  cutmix), 'mask' (0 for an image that did not decode).
+  many processes share the work. Rows: 'image' float32, 'label' (soft [rows, classes] with
+  mixup or cutmix), 'mask' (0 for an image that did not decode).
   """
   d = data_config
-  make = _TrainBatch(source, Preprocess.from_config(d, image_channels(source)), seed,
-                     batch_size, tuple(shard), d.num_classes, d.mixup, d.cutmix)
-  return grain.MapDataset.range(np.iinfo(np.int64).max // batch_size).map(make)
+  prep = Preprocess.from_config(d, image_channels(source))
+  make = _TrainBatch(source, prep, seed, batch_size, tuple(shard), d.mixup, d.cutmix)
+  raw = grain.MapDataset.range(np.iinfo(np.int64).max // batch_size).map(make)
+  return BatchDataset(raw, _Finish(prep, d.num_classes))
 
 
 def steps_per_epoch(source, batch_size: int) -> int:
@@ -243,12 +285,10 @@ class _EvalBatch:
     idx = self.indices[k * self.local_batch:(k + 1) * self.local_batch]
     rows = [_load(self.source, int(i), self.prep,
                   lambda data: augment.eval_image(data, self.prep)) for i in idx]
-    blank = (np.zeros((self.prep.image_size, self.prep.image_size, self.prep.channels),
-                      np.float32), 0, 0.0)
-    return _stack(rows + [blank] * (self.local_batch - len(rows)))
+    return _stack(rows + [_blank(self.prep)] * (self.local_batch - len(rows)))
 
 
-def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
+def eval_batches(source, data_config, batch_size: int, shard=SINGLE) -> BatchDataset:
   """Every example of this process's slice exactly once, in fixed-size padded batches.
 
   A dataset of {'image', 'label', 'mask'}; padding rows (and images that do not decode) have
@@ -259,9 +299,10 @@ def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
   local_batch = batch_size // count
   indices = np.array_split(np.arange(len(source)), count)[index]
   per_shard = max(int(np.ceil(len(source) / count)), 1)
-  make = _EvalBatch(source, Preprocess.from_config(data_config, image_channels(source)),
-                    indices, local_batch)
-  return grain.MapDataset.range(-(-per_shard // local_batch)).map(make)
+  prep = Preprocess.from_config(data_config, image_channels(source))
+  raw = grain.MapDataset.range(-(-per_shard // local_batch)).map(
+      _EvalBatch(source, prep, indices, local_batch))
+  return BatchDataset(raw, _Finish(prep, data_config.num_classes))
 
 
 class InputWorkerError(RuntimeError):
@@ -276,15 +317,15 @@ class Batches:
   costs more than it saves).
   """
 
-  def __init__(self, batches, start: int, workers: int = 0):
+  def __init__(self, batches: BatchDataset, start: int, workers: int = 0):
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app, use defaults
       flags.FLAGS.mark_as_parsed()
-    ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                           prefetch_buffer_size=4))
+    ds = batches.raw[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                               prefetch_buffer_size=4))
     if workers > 0:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                        per_worker_buffer_size=2))
-    self._it = iter(ds)
+    self._it = iter(ds.map(batches.finish))  # finish: in this process
     self.workers = workers
 
   def __iter__(self):

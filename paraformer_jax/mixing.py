@@ -20,34 +20,54 @@ def cutmix_box(height: int, width: int, lam: float, rng):
   return int(top), int(left), int(bottom - top), int(right - left)
 
 
-def mix_pair(a, b, mixup: float, cutmix: float, rng):
-  """(a', b', lam): the pair mixed, lam the weight of each row's own label."""
-  use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
-  lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
-  if not use_cutmix:
-    return lam * a + (1 - lam) * b, lam * b + (1 - lam) * a, lam
-  top, left, h, w = cutmix_box(a.shape[0], a.shape[1], lam, rng)
-  a2, b2 = a.copy(), b.copy()
-  a2[top:top + h, left:left + w] = b[top:top + h, left:left + w]
-  b2[top:top + h, left:left + w] = a[top:top + h, left:left + w]
-  return a2, b2, 1.0 - h * w / (a.shape[0] * a.shape[1])
+def pair_params(mask, mixup: float, cutmix: float, seed: int, b: int, first_row: int,
+                height: int, width: int):
+  """Per row of a process's part of global batch b (starting at global row `first_row`,
+  even): lam, the weight of the row's own label (1: unmixed), and the CutMix box
+  (top, left, h, w; zero area: mixup). A pair with an unreadable row (mask 0) is left
+  unmixed, so a skipped image never leaks into its neighbour. Cheap: run where the batch is
+  made, applied by `apply` where it is normalized."""
+  rows = len(mask)
+  lam, box = np.ones(rows, np.float32), np.zeros((rows, 4), np.int32)
+  for r in range(0, rows - 1, 2):
+    if not (mask[r] and mask[r + 1]):
+      continue
+    rng = np.random.default_rng((seed, b, (first_row + r) // 2))
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    weight = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    if use_cutmix:
+      top, left, h, w = cutmix_box(height, width, weight, rng)
+      box[r] = box[r + 1] = (top, left, h, w)
+      weight = 1.0 - h * w / (height * width)
+    lam[r] = lam[r + 1] = weight
+  return lam, box
+
+
+def apply(images, labels, lam, box, num_classes: int):
+  """(images mixed in place, soft labels [rows, num_classes] float32)."""
+  onehot = np.eye(num_classes, dtype=np.float32)[labels]
+  soft = onehot.copy()
+  for r in range(0, len(labels) - 1, 2):
+    weight = lam[r]
+    if weight == 1:
+      continue
+    a, b = images[r], images[r + 1]
+    top, left, h, w = box[r]
+    if h * w:
+      a_box = a[top:top + h, left:left + w].copy()
+      a[top:top + h, left:left + w] = b[top:top + h, left:left + w]
+      b[top:top + h, left:left + w] = a_box
+    else:
+      images[r], images[r + 1] = weight * a + (1 - weight) * b, weight * b + (1 - weight) * a
+    soft[r] = weight * onehot[r] + (1 - weight) * onehot[r + 1]
+    soft[r + 1] = weight * onehot[r + 1] + (1 - weight) * onehot[r]
+  return images, soft
 
 
 def mix_batch(batch, num_classes: int, mixup: float, cutmix: float, seed: int, b: int,
               first_row: int):
-  """Mixes a process's rows of global batch b (they start at global row `first_row`, even).
-
-  Labels become soft [rows, num_classes] float32; a pair with an unreadable row (mask 0) is
-  left unmixed, so a skipped image never leaks into its neighbour.
-  """
-  images, labels, mask = batch['image'], batch['label'], batch['mask']
-  onehot = np.eye(num_classes, dtype=np.float32)[labels]
-  soft, mixed = onehot.copy(), images.copy()
-  for r in range(0, len(labels) - 1, 2):
-    if not (mask[r] and mask[r + 1]):
-      continue
-    rng = np.random.default_rng((seed, b, (first_row + r) // 2))
-    mixed[r], mixed[r + 1], lam = mix_pair(images[r], images[r + 1], mixup, cutmix, rng)
-    soft[r] = lam * onehot[r] + (1 - lam) * onehot[r + 1]
-    soft[r + 1] = lam * onehot[r + 1] + (1 - lam) * onehot[r]
-  return {**batch, 'image': mixed, 'label': soft}
+  """`pair_params` and `apply` in one: batch 'image' float [rows, H, W, C], 'label', 'mask'."""
+  images = batch['image'].copy()
+  lam, box = pair_params(batch['mask'], mixup, cutmix, seed, b, first_row, *images.shape[1:3])
+  images, soft = apply(images, batch['label'], lam, box, num_classes)
+  return {**batch, 'image': images, 'label': soft}
