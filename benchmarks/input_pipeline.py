@@ -5,8 +5,8 @@ sample_photos.py: real photographs, ~500x375, JPEG quality 90) and measures, in 
   (a) raw JPEG decode of the same files, full size to an RGB array, with PIL and with
       simplejpeg (libjpeg-turbo, what the pipeline uses; the ratios are to this one);
   (b) the train preprocessing per example, in this process: what a worker does (decode,
-      crop, flip, RandAugment, to uint8); normalization and mixup run per batch in the
-      trainer's process ("finish", also timed) and are part of (c);
+      crop, flip, RandAugment, to uint8; normalization and mixup run on device, in the
+      trainer's jitted input_pipeline.finish);
   (c) the full train pipeline (grain, batches as the trainer gets them) with 1 and 2 worker
       processes;
   (d) the eval pipeline, per example in this process and with 1 worker process;
@@ -94,10 +94,6 @@ def main():
   for w in [int(w) for w in args.workers.split(',')]:
     add(f'(c) train pipeline, {w} worker process{"es" if w > 1 else ""}',
         pipeline_rate(batches, w, args.batch, args.seconds), decode)
-  finish = batches.finish
-  raw = batches.raw[0]
-  add(f'    finish in the trainer process, per example (batch {args.batch})',
-      rate(lambda _: finish(raw), [0], args.seconds) * args.batch)
   add('(d) eval preprocessing per example (1 core)',
       rate(lambda b: augment.eval_image(b, prep), jpegs, args.seconds), decode)
   evals = input_pipeline.eval_batches(val, data, 16)  # 50 images; cycled by repeat

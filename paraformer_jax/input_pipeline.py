@@ -15,6 +15,7 @@ import os
 from absl import flags
 from absl import logging
 import grain
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -185,40 +186,16 @@ def _stack(rows):
           'mask': np.array(mask, np.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchDataset:
-  """Batches made in two parts: `raw` (decode and augment to uint8: grain worker processes
-  run it) and `finish` (normalize to float32, mix: the trainer's process runs it, so a
-  quarter of the bytes cross between processes). Indexable like the grain dataset."""
-  raw: grain.MapDataset
-  finish: object
-
-  def __len__(self):
-    return len(self.raw)
-
-  def __getitem__(self, i):
-    return self.finish(self.raw[i])
-
-  def __iter__(self):
-    return (self[i] for i in range(len(self)))
-
-  def repeat(self):
-    return BatchDataset(self.raw.repeat(), self.finish)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Finish:
-  """uint8 batch (+ mixing parameters) -> float32 normalized batch (mixed, soft labels)."""
-  prep: Preprocess
-  num_classes: int
-
-  def __call__(self, raw):
-    image = augment.normalize(raw['image'], self.prep.mean, self.prep.std)
-    batch = {'image': image, 'label': raw['label'], 'mask': raw['mask']}
-    if 'mix_lam' in raw:
-      batch['image'], batch['label'] = mixing.apply(image, raw['label'], raw['mix_lam'],
-                                                    raw['mix_box'], self.num_classes)
-    return batch
+def finish(batch, mean: float, std: float, num_classes: int):
+  """uint8 batch -> normalized float32 images, mixed if it carries mixing parameters (soft
+  labels). Written for jax.jit on the global batch: the trainer runs it on device, so the
+  host only decodes and augments, and moves a quarter of the bytes float32 would take."""
+  image = (batch['image'].astype(jnp.float32) / 255.0 - mean) / std
+  out = {'image': image, 'label': batch['label'], 'mask': batch['mask']}
+  if 'mix_lam' in batch:
+    out['image'], out['label'] = mixing.apply(image, batch['label'], batch['mix_lam'],
+                                              batch['mix_box'], num_classes)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +228,7 @@ class _TrainBatch:
     return batch
 
 
-def train_batches(source, data_config, batch_size: int, seed: int,
-                  shard=SINGLE) -> BatchDataset:
+def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE):
   """Indexable, endless dataset of this process's rows of every global batch.
 
   All processes see one global stream: a fresh permutation of the whole split per pass
@@ -260,14 +236,14 @@ def train_batches(source, data_config, batch_size: int, seed: int,
   global position. Global batch b is stream[b * batch_size:(b + 1) * batch_size]; the
   process with `shard` = (index, count) (sharding.data_shard) loads and augments only its
   batch_size / count rows of it. So the batches, and the training, do not depend on how
-  many processes share the work. Rows: 'image' float32, 'label' (soft [rows, classes] with
-  mixup or cutmix), 'mask' (0 for an image that did not decode).
+  many processes share the work. Rows: 'image' uint8, 'label', 'mask' (0 for an image that
+  did not decode), and with mixup or cutmix 'mix_lam' and 'mix_box'; `finish` makes the
+  model's input of them.
   """
   d = data_config
   prep = Preprocess.from_config(d, image_channels(source))
   make = _TrainBatch(source, prep, seed, batch_size, tuple(shard), d.mixup, d.cutmix)
-  raw = grain.MapDataset.range(np.iinfo(np.int64).max // batch_size).map(make)
-  return BatchDataset(raw, _Finish(prep, d.num_classes))
+  return grain.MapDataset.range(np.iinfo(np.int64).max // batch_size).map(make)
 
 
 def steps_per_epoch(source, batch_size: int) -> int:
@@ -288,10 +264,10 @@ class _EvalBatch:
     return _stack(rows + [_blank(self.prep)] * (self.local_batch - len(rows)))
 
 
-def eval_batches(source, data_config, batch_size: int, shard=SINGLE) -> BatchDataset:
+def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
   """Every example of this process's slice exactly once, in fixed-size padded batches.
 
-  A dataset of {'image', 'label', 'mask'}; padding rows (and images that do not decode) have
+  A dataset of {'image' (uint8), 'label', 'mask'}; padding rows (and images that do not decode) have
   mask 0. Slices are split by index, not truncated, so the remainder examples count too;
   every process gets the same number of batches (collectives need it).
   """
@@ -300,9 +276,8 @@ def eval_batches(source, data_config, batch_size: int, shard=SINGLE) -> BatchDat
   indices = np.array_split(np.arange(len(source)), count)[index]
   per_shard = max(int(np.ceil(len(source) / count)), 1)
   prep = Preprocess.from_config(data_config, image_channels(source))
-  raw = grain.MapDataset.range(-(-per_shard // local_batch)).map(
+  return grain.MapDataset.range(-(-per_shard // local_batch)).map(
       _EvalBatch(source, prep, indices, local_batch))
-  return BatchDataset(raw, _Finish(prep, data_config.num_classes))
 
 
 class InputWorkerError(RuntimeError):
@@ -317,15 +292,15 @@ class Batches:
   costs more than it saves).
   """
 
-  def __init__(self, batches: BatchDataset, start: int, workers: int = 0):
+  def __init__(self, batches, start: int, workers: int = 0):
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app, use defaults
       flags.FLAGS.mark_as_parsed()
-    ds = batches.raw[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                               prefetch_buffer_size=4))
+    ds = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                           prefetch_buffer_size=4))
     if workers > 0:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                        per_worker_buffer_size=2))
-    self._it = iter(ds.map(batches.finish))  # finish: in this process
+    self._it = iter(ds)
     self.workers = workers
 
   def __iter__(self):

@@ -7,6 +7,8 @@ hosts share the input. Within a pair, a' = lam a + (1 - lam) b and b' = lam b + 
 (CutMix: b's box pasted into a and a's into b, lam the area left). With both on, each pair
 takes one of the two at random (DeiT's switch probability 0.5).
 """
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -26,7 +28,7 @@ def pair_params(mask, mixup: float, cutmix: float, seed: int, b: int, first_row:
   even): lam, the weight of the row's own label (1: unmixed), and the CutMix box
   (top, left, h, w; zero area: mixup). A pair with an unreadable row (mask 0) is left
   unmixed, so a skipped image never leaks into its neighbour. Cheap: run where the batch is
-  made, applied by `apply` where it is normalized."""
+  made (a grain worker), applied by `apply` on device."""
   rows = len(mask)
   lam, box = np.ones(rows, np.float32), np.zeros((rows, 4), np.int32)
   for r in range(0, rows - 1, 2):
@@ -44,30 +46,27 @@ def pair_params(mask, mixup: float, cutmix: float, seed: int, b: int, first_row:
 
 
 def apply(images, labels, lam, box, num_classes: int):
-  """(images mixed in place, soft labels [rows, num_classes] float32)."""
-  onehot = np.eye(num_classes, dtype=np.float32)[labels]
-  soft = onehot.copy()
-  for r in range(0, len(labels) - 1, 2):
-    weight = lam[r]
-    if weight == 1:
-      continue
-    a, b = images[r], images[r + 1]
-    top, left, h, w = box[r]
-    if h * w:
-      a_box = a[top:top + h, left:left + w].copy()
-      a[top:top + h, left:left + w] = b[top:top + h, left:left + w]
-      b[top:top + h, left:left + w] = a_box
-    else:
-      images[r], images[r + 1] = weight * a + (1 - weight) * b, weight * b + (1 - weight) * a
-    soft[r] = weight * onehot[r] + (1 - weight) * onehot[r + 1]
-    soft[r + 1] = weight * onehot[r + 1] + (1 - weight) * onehot[r]
-  return images, soft
+  """(mixed images, soft labels [rows, num_classes]), in jnp: runs on device, in the jitted
+  `input_pipeline.finish`. Rows 2k and 2k+1 are partners; lam = 1 leaves a row as it is."""
+  rows, height, width = images.shape[:3]
+  swap = lambda x: x.reshape((rows // 2, 2) + x.shape[1:])[:, ::-1].reshape(x.shape)
+  partner = swap(images)
+  top, left, h, w = (box[:, i, None, None] for i in range(4))
+  ys, xs = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
+  inside = ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w))[..., None]
+  weight = lam[:, None, None, None]
+  blended = weight * images + (1 - weight) * partner
+  cut = (h * w > 0)[..., None]
+  mixed = jnp.where(cut, jnp.where(inside, partner, images), blended)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  soft = lam[:, None] * onehot + (1 - lam[:, None]) * swap(onehot)
+  return mixed, soft
 
 
 def mix_batch(batch, num_classes: int, mixup: float, cutmix: float, seed: int, b: int,
               first_row: int):
   """`pair_params` and `apply` in one: batch 'image' float [rows, H, W, C], 'label', 'mask'."""
-  images = batch['image'].copy()
+  images = batch['image']
   lam, box = pair_params(batch['mask'], mixup, cutmix, seed, b, first_row, *images.shape[1:3])
   images, soft = apply(images, batch['label'], lam, box, num_classes)
-  return {**batch, 'image': images, 'label': soft}
+  return {**batch, 'image': np.asarray(images), 'label': np.asarray(soft)}

@@ -8,6 +8,7 @@ next stage restores and extends with fresh branches.
 """
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -138,6 +139,13 @@ class Trainer:
                                               keep_best=False,
                                               create=create and self.plan.stagewise)
     self._eval_steps = {}  # compiled once per branch layout, not once per validation
+    # uint8 host batches -> the model's input, on device (input_pipeline.finish).
+    self._finish = jax.jit(functools.partial(input_pipeline.finish, mean=d.mean, std=d.std,
+                                             num_classes=d.num_classes))
+
+  def device_batch(self, batch):
+    """This process's host batch -> the global batch the steps take, on device."""
+    return self._finish(sharding.global_batch(self.mesh, batch))
 
   def restore(self, step, ckpts=None):
     """(state, stage) of checkpoint `step` of this run (or of `ckpts`)."""
@@ -158,7 +166,7 @@ class Trainer:
     data = input_pipeline.iterate(batches, 0, self.config.workers)
     try:
       for batch in data:
-        out = jax.device_get(eval_step(params, sharding.global_batch(self.mesh, batch)))
+        out = jax.device_get(eval_step(params, self.device_batch(batch)))
         total = out if total is None else jax.tree.map(np.add, total, out)
     finally:
       data.close()
@@ -209,7 +217,7 @@ class Trainer:
     for i in range(start, plan.steps_per_stage):
       batch = next(data)
       corrupt.add(batch['mask'])
-      batch = sharding.global_batch(self.mesh, batch)
+      batch = self.device_batch(batch)
       lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
       state, metrics = train_step(state, batch, lpa_pass=lpa_pass)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -8,6 +8,9 @@ from paraformer_jax import augment, input_pipeline
 
 
 def _check_batch(batch, config, batch_size, channels):
+  assert batch['image'].dtype == np.uint8  # normalized on device, by finish
+  d = config.data
+  batch = input_pipeline.finish(batch, d.mean, d.std, d.num_classes)
   size = config.data.image_size
   assert batch['image'].shape == (batch_size, size, size, channels)
   assert batch['image'].dtype == np.float32
