@@ -14,7 +14,10 @@ sample_photos.py: real photographs, ~500x375, JPEG quality 90) and measures, in 
 (a), (b), (d, in-process) and (e) run on one core; (c) and (d, 1 worker) use that many
 worker processes (the main process only collects batches).
 
-  python benchmarks/input_pipeline.py [--config=imagenet] [--batch=64] [--seconds=10]
+Then the worker processes a v5e / v4 host needs to keep its chips fed, from the model's
+FLOPs and an assumed MFU (--mfu), for the imagenet config and the authors' CIFAR recipe.
+
+  python benchmarks/input_pipeline.py [--batch=64] [--seconds=10] [--mfu=0.4]
 """
 import argparse
 import io
@@ -66,6 +69,8 @@ def main():
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--seconds', type=float, default=10.0)
   parser.add_argument('--workers', default='1,2')
+  parser.add_argument('--mfu', type=float, default=0.4,
+                      help='assumed model FLOPs utilization for the host-cores estimate')
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
   if not os.path.exists(os.path.join(args.data_dir, 'imagenet2012')):
@@ -77,12 +82,11 @@ def main():
   jpegs = [train[i]['image'] for i in range(len(train))]
   prep = input_pipeline.Preprocess.from_config(data, 3)
   rng = np.random.default_rng(0)
-  rows = []
 
   def add(name, value, base=None):
-    rows.append((name, value, value / base if base else None))
     print(f'{name:<52} {value:8.1f} img/s' + (f'  {value / base:5.2f}x decode' if base else ''),
           flush=True)
+    return value
 
   add('(a) raw JPEG decode, PIL (1 core)',
       rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert('RGB')), jpegs, args.seconds))
@@ -91,8 +95,9 @@ def main():
   add('(b) train preprocessing per example (1 core)',
       rate(lambda b: augment.train_image(b, prep, rng), jpegs, args.seconds), decode)
   batches = input_pipeline.train_batches(train, data, args.batch, seed=0)
+  per_worker = {}
   for w in [int(w) for w in args.workers.split(',')]:
-    add(f'(c) train pipeline, {w} worker process{"es" if w > 1 else ""}',
+    per_worker[w] = add(f'(c) train pipeline, {w} worker process{"es" if w > 1 else ""}',
         pipeline_rate(batches, w, args.batch, args.seconds), decode)
   add('(d) eval preprocessing per example (1 core)',
       rate(lambda b: augment.eval_image(b, prep), jpegs, args.seconds), decode)
@@ -106,10 +111,35 @@ def main():
     Image.open(io.BytesIO(b)).convert('RGB').resize((32, 32), Image.BILINEAR).save(out, 'PNG')
     pngs.append(out.getvalue())
   cprep = input_pipeline.Preprocess.from_config(cifar, 3)
-  add('(e) CIFAR recipe at 224 px per example (32x32 PNG, 1 core)',
+  cifar_rate = add('(e) CIFAR recipe at 224 px per example (32x32 PNG, 1 core)',
       rate(lambda b: augment.train_image(b, cprep, rng), pngs, args.seconds))
   print(f'\ncores: {os.cpu_count()}; images {len(jpegs)} train JPEGs, mean '
         f'{np.mean([len(b) for b in jpegs]) / 1024:.0f} KiB')
+  if len(per_worker) > 1:
+    (lo, r_lo), (hi, r_hi) = min(per_worker.items()), max(per_worker.items())
+    print(f'{hi} workers / {lo}: {r_hi / r_lo:.2f}x')
+  one = min(per_worker.items())
+  host_cores({'imagenet': one[1] / one[0], 'cifar10': cifar_rate}, args.mfu)
+
+
+# (bf16 peak FLOP/s per chip, chips per host, vCPUs per host) of the hosts our users run on.
+TPU_HOSTS = {'v5e': (197e12, 4, 112), 'v4': (275e12, 4, 240)}
+
+
+def host_cores(per_core, mfu):
+  """Worker processes a host needs to keep up with its chips: the model's step rate at
+  `mfu` of peak (a training image costs 3x its forward FLOPs) over the measured per-core
+  input rate."""
+  from paraformer_jax import flops, run_state
+  print(f'\nHost cores to keep up, at {mfu:.0%} MFU (training = 3x forward FLOPs):')
+  for name, config in (('imagenet', imagenet.get_config()), ('cifar10', cifar10.get_config())):
+    model = run_state.build_model(config)
+    flop = 3 * flops.forward_flops(model, config.data.image_size, 3, executed=True)
+    for chip, (peak, chips, vcpus) in TPU_HOSTS.items():
+      need = chips * peak * mfu / flop
+      print(f'  {name:<8} recipe at {config.data.image_size} px, {chip} host ({chips} chips): '
+            f'{need:,.0f} img/s -> {need / per_core[name]:.0f} cores of {vcpus} '
+            f'(at {per_core[name]:.0f} img/s per core)')
 
 
 if __name__ == '__main__':

@@ -46,5 +46,5 @@ def get_config():
   config.eval_batch_size = 1024
   config.eval_every_steps = 5000
   config.log_every_steps = 100
-  config.workers = 32  # per host; docs/input_pipeline.md says how many cores keep up
+  config.workers = 48  # per host: a v5e host needs ~38, a v4 host ~53 (docs/input_pipeline.md)
   return config
