@@ -91,12 +91,18 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
   state = run_state.abstract_state(plan, tx, mesh, stage, (size, size, channels))
   data = NamedSharding(mesh, P('data'))
   images = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32, sharding=data)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
+  d = config.data
+  # The batch as input_pipeline.finish hands it over: soft labels when mixing.
+  labels = (jax.ShapeDtypeStruct((batch, d.num_classes), jnp.float32, sharding=data)
+            if d.mixup or d.cutmix else jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data))
+  mask = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=data)
   model = plan.model(stage)
   step = steps.make_train_step(model, mesh, tx, config.training.mode, plan.frozen_keys(stage),
-                               config.training.clip_norm)
+                               config.training.clip_norm,
+                               label_smoothing=config.training.label_smoothing)
   lpa_pass = config.training.mode == 'lpa'  # its LPA step is the heaviest
-  lowered = step.lower(state, {'image': images, 'label': labels}, lpa_pass=lpa_pass)
+  lowered = step.lower(state, {'image': images, 'label': labels, 'mask': mask},
+                       lpa_pass=lpa_pass)
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
