@@ -153,12 +153,13 @@ def check_config(data, local_batch: int):
       (len(data.crop_ratio) == 2 and 0 < data.crop_ratio[0] <= data.crop_ratio[1],
        'crop_ratio', '(low, high) with 0 < low <= high'),
       (0 < data.eval_crop_fraction <= 1, 'eval_crop_fraction', 'a fraction in (0, 1]'),
-      (data.mixup >= 0 and data.cutmix >= 0, 'mixup / cutmix', 'Beta parameters >= 0 (0: off)'),
+      (data.mixup >= 0, 'mixup', 'a Beta parameter >= 0 (0: off)'),
+      (data.cutmix >= 0, 'cutmix', 'a Beta parameter >= 0 (0: off)'),
       (0 <= data.max_corrupt_fraction <= 1, 'max_corrupt_fraction', 'a fraction in [0, 1]'),
   ]
   for ok, field, accepts in checks:
     if not ok:
-      raise ValueError(f'config.data.{field}={getattr(data, field.split()[0])!r}: use {accepts}.')
+      raise ValueError(f'config.data.{field}={getattr(data, field)!r}: use {accepts}.')
   if (data.mixup or data.cutmix) and local_batch % 2:
     raise ValueError(f'Mixup / CutMix mix rows in pairs, but each process loads '
                      f'{local_batch} rows of the batch; use an even batch per process.')

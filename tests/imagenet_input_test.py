@@ -264,3 +264,19 @@ def test_trainer_runs_the_imagenet_config_end_to_end_on_jpegs(photos_dir, tmp_pa
   lines = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
   steps_logged = [json.loads(l)['step'] for l in lines if 'loss' in json.loads(l)]
   assert steps_logged == [6, 12, 18]  # 297 // 16 = 18 steps, mixup on, every loss finite
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train_crop', 'random', "config.data.train_crop='random': use 'pad' or 'inception'"),
+    ('crop_scale', (0.5, 0.2), 'config.data.crop_scale=(0.5, 0.2): use (low, high)'),
+    ('eval_crop_fraction', 1.5, 'config.data.eval_crop_fraction=1.5: use a fraction'),
+    ('mixup', -0.2, 'config.data.mixup=-0.2: use a Beta parameter >= 0'),
+])
+def test_bad_input_settings_name_the_field(field, value, message):
+  data = imagenet.get_config().data
+  setattr(data, field, value)
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    input_pipeline.check_config(data, local_batch=16)
+  data = imagenet.get_config().data
+  with pytest.raises(ValueError, match='each process loads 7 rows'):
+    input_pipeline.check_config(data, local_batch=7)  # mixup pairs rows
