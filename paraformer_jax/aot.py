@@ -86,7 +86,7 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
   sharding.check_divisible(run_state.build_model(config), mesh, batch)
   plan = run_state.StagePlan(config, steps_per_epoch=1000)
   stage = plan.num_stages - 1  # stagewise: the last stage holds the most branches
-  tx = optim.make_tx(config.training, plan.steps_per_epoch)
+  tx = optim.make_tx(config.training, plan.steps_per_stage, plan.warmup_steps)
   size = config.data.image_size
   state = run_state.abstract_state(plan, tx, mesh, stage, (size, size, channels))
   data = NamedSharding(mesh, P('data'))

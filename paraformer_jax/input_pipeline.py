@@ -214,11 +214,15 @@ class _TrainBatch:
     index, count = self.shard
     local = self.batch_size // count
     first = index * local
-    order = grain.MapDataset.range(len(self.source)).shuffle(seed=self.seed).repeat()
+    # Batch b belongs to pass e over the split, each pass its own permutation.
+    per_pass = len(self.source) // self.batch_size
+    e, offset = divmod(b, per_pass)
+    pass_seed = int(np.random.SeedSequence((self.seed, e)).generate_state(1)[0])
+    order = grain.MapDataset.range(len(self.source)).shuffle(seed=pass_seed)
     rows = []
     for r in range(local):
-      p = b * self.batch_size + first + r  # position in the global stream
-      rng = np.random.default_rng((self.seed, p))
+      p = offset * self.batch_size + first + r  # position in pass e's permutation
+      rng = np.random.default_rng((self.seed, e, p))
       rows.append(_load(self.source, int(order[p]), self.prep,
                         lambda data: augment.train_image(data, self.prep, rng)))
     batch = _stack(rows)
@@ -232,11 +236,12 @@ class _TrainBatch:
 def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE):
   """Indexable, endless dataset of this process's rows of every global batch.
 
-  All processes see one global stream: a fresh permutation of the whole split per pass
-  (grain reshuffles per repetition), augmented with randomness drawn from each example's
-  global position. Global batch b is stream[b * batch_size:(b + 1) * batch_size]; the
-  process with `shard` = (index, count) (sharding.data_shard) loads and augments only its
-  batch_size / count rows of it. So the batches, and the training, do not depend on how
+  Passes over the split (an epoch; lpa's epoch is two) follow one another: pass e is a
+  permutation of the split drawn from (seed, e), cut into len // batch_size global batches
+  (the remainder waits for another pass), so batch b is batch b % per_pass of pass
+  b // per_pass. Each example's augmentation draws from (seed, e, its position in the
+  pass). The process with `shard` = (index, count) (sharding.data_shard) loads and augments
+  only its batch_size / count rows of each global batch. So the batches, and the training, do not depend on how
   many processes share the work. Rows: 'image' uint8, 'label', 'mask' (0 for an image that
   did not decode), and with mixup or cutmix 'mix_lam' and 'mix_box'; `finish` makes the
   model's input of them.

@@ -16,21 +16,46 @@ import optax
 BRANCH_KEYS = ('branches',)  # trained trees whose leaves have a leading branch axis
 
 
-def make_tx(training, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam / AdamW with the configured learning-rate schedule."""
+def make_tx(training, steps_per_stage: int, warmup_steps: int = 0):
+  """Adam / AdamW whose learning rate is a function of the minibatch step.
+
+  optax's schedules read the optimizer's own update count, which in lpa advances L + 1 times
+  per minibatch and differently per branch (each branch keeps its own Adam count): a cosine
+  would reach 0 after about 1/(L+1) of training. Here the last transform scales by
+  lr(step % steps_per_stage), `step` being the TrainState's minibatch count, passed by
+  `update` (so each stagewise stage runs its own schedule). Adam's bias correction keeps the
+  per-branch counts, as PyTorch's Adam does.
+  """
   lr = training.learning_rate
   if training.schedule == 'cosine':
-    total = max(training.epochs * steps_per_epoch, 1)
-    warmup = int(training.warmup_epochs * steps_per_epoch)
-    lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), total)
-  elif training.schedule != 'constant':
+    cosine = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1),
+                                                max(steps_per_stage, 1))
+    schedule = lambda step: cosine(step % max(steps_per_stage, 1))
+  elif training.schedule == 'constant':
+    schedule = lambda step: lr
+  else:
     raise ValueError(f"config.training.schedule={training.schedule!r}; use 'constant' or "
                      f"'cosine'.")
   if training.optimizer == 'adam':
-    return optax.adam(lr)
+    return optax.chain(optax.scale_by_adam(), scale_by_step_schedule(schedule))
   if training.optimizer == 'adamw':
-    return optax.adamw(lr, weight_decay=training.weight_decay)
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(training.weight_decay),
+                       scale_by_step_schedule(schedule))
   raise ValueError(f"config.training.optimizer={training.optimizer!r}; use 'adam' or 'adamw'.")
+
+
+def scale_by_step_schedule(schedule) -> optax.GradientTransformationExtraArgs:
+  """Scales updates by -schedule(step), `step` an extra argument of update (the minibatch
+  step), not a count of the transform's own (it keeps no state)."""
+
+  def update(updates, state, params=None, *, step=None, **extra):
+    del params, extra
+    if step is None:
+      raise ValueError('this optimizer needs update(..., step=minibatch step)')
+    lr = schedule(step)
+    return jax.tree.map(lambda u: -lr * u, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def _split(tree):
@@ -48,8 +73,11 @@ def clip_by_global_norm(grads, max_norm: float):
   return jax.tree.map(lambda g: g * jnp.minimum(1.0, max_norm / (norm + 1e-6)), grads), norm
 
 
-def update(tx, grads, state, params, num_present=None, update_mask=None):
+def update(tx, grads, state, params, num_present=None, update_mask=None, step=None):
   """New params and state; branches with index >= num_present (if given) are left as is.
+
+  `step`: the minibatch step, for make_tx's learning-rate schedule (other optax transforms
+  ignore it).
 
   `update_mask`: {key: tree of 0/1 arrays} for shared parameter groups that change only
   where the mask is 1 (expansion: the old classes' head rows stay bit-identical, weight
@@ -57,8 +85,9 @@ def update(tx, grads, state, params, num_present=None, update_mask=None):
   """
   g_branches, g_shared = _split(grads)
   p_branches, p_shared = _split(params)
-  u_shared, s_shared = tx.update(g_shared, state['shared'], p_shared)
-  u_branches, s_branches = jax.vmap(tx.update)(g_branches, state['branches'], p_branches)
+  tx_update = lambda g, s, p: tx.update(g, s, p, step=step)
+  u_shared, s_shared = tx_update(g_shared, state['shared'], p_shared)
+  u_branches, s_branches = jax.vmap(tx_update)(g_branches, state['branches'], p_branches)
   if num_present is not None:
     num = jax.tree.leaves(p_branches)[0].shape[0]
     present = jnp.arange(num) < num_present

@@ -45,9 +45,17 @@ class StagePlan:
     return self.config.model.num_branches // self.config.training.branches_per_stage
 
   @property
+  def passes(self):
+    """Passes over the training split per epoch: lpa's LPA pass and full pass, else one."""
+    return 2 if self.config.training.mode == 'lpa' else 1
+
+  @property
+  def warmup_steps(self):
+    return int(self.config.training.warmup_epochs * self.passes * self.steps_per_epoch)
+
+  @property
   def steps_per_stage(self):
-    passes = 2 if self.config.training.mode == 'lpa' else 1  # lpa: LPA pass + full pass
-    return self.config.training.epochs * passes * self.steps_per_epoch
+    return self.config.training.epochs * self.passes * self.steps_per_epoch
 
   def model(self, stage: int) -> ParaFormer:
     if not self.stagewise:
@@ -82,6 +90,24 @@ def init_params(model, rng, image_shape):
   return model.init(rng, jnp.zeros((1, *image_shape)))['params']
 
 
+# Every random stream of a run derives from one root key, PRNGKey(config.seed), by fold_in
+# with its own id (never seed + k: seed s + 1 must not replay a stream of seed s).
+STREAMS = {'init': 0, 'dropout': 1, 'data': 2}
+
+
+def rng_stream(seed: int, name: str, *indices: int) -> jax.Array:
+  """The key of stream `name` (indexed further, e.g. by stage) of the run with `seed`."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), STREAMS[name])
+  for i in indices:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+def data_seed(seed: int, stage: int) -> int:
+  """The integer seed of a stage's data order and augmentation (input_pipeline)."""
+  return int(jax.random.bits(rng_stream(seed, 'data', stage), dtype=jnp.uint32) >> 1)
+
+
 def state_fn(plan, tx, stage, params_fn, step):
   """make(inputs) -> the TrainState of `stage`, with params_fn(inputs) as its parameters."""
   frozen_keys = plan.frozen_keys(stage)
@@ -91,7 +117,7 @@ def state_fn(plan, tx, stage, params_fn, step):
     trained, _ = steps.split_params(params, frozen_keys)
     return steps.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                             opt_state=optim.init(tx, trained),
-                            rng=jax.random.PRNGKey(plan.config.seed + 1))
+                            rng=rng_stream(plan.config.seed, 'dropout'))
   return make
 
 
@@ -129,7 +155,7 @@ class StateMaker:
   def initial(self):
     """Stage 0's state: fresh, or filled from config.init_from / config.expand_from."""
     model = self.plan.model(0)
-    fresh = lambda: self._init_params(model, jax.random.PRNGKey(self.config.seed))
+    fresh = lambda: self._init_params(model, rng_stream(self.config.seed, 'init', 0))
     source = self.config.init_from or self.config.expand_from
     if not source:
       return self._make(0, lambda _: fresh(), None, step=0)
@@ -142,7 +168,7 @@ class StateMaker:
     """Stage `stage` from the end of stage-1: old branches frozen, fresh branches appended."""
     old_model = self.plan.model(stage - 1)
     new_model = self.plan.model(stage).clone(num_frozen_branches=0)
-    fresh_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
+    fresh_rng = rng_stream(self.config.seed, 'init', stage)
 
     def params_fn(old_params):
       _, merged = merge_frozen(old_model, old_params)

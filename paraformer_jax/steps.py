@@ -100,7 +100,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       return loss_of(logits, batch), logits
     return loss
 
-  def update(params, opt_state, batch, rng, loss_fn, clip, num_present=None):
+  def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
     trained, frozen = split_params(params, frozen_keys)
     (loss, logits), grads = jax.value_and_grad(
         lambda t: loss_fn({**frozen, **t}, batch, rng), has_aux=True)(trained)
@@ -108,7 +108,8 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
     else:
       grad_norm = optax.global_norm(grads)
-    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, update_mask)
+    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, update_mask,
+                                      step)
     acc = accuracy(logits, batch['label'], batch.get('mask'))
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}
@@ -120,14 +121,16 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       def one(i, carry):
         params, opt_state, _ = carry
         return update(params, opt_state, batch, jax.random.fold_in(rng, i), prefix_loss(i),
-                      clip=True, num_present=i + 1)
+                      clip=True, step=state.step, num_present=i + 1)
       metrics = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'accuracy', 'grad_norm')}
       params, opt_state, metrics = jax.lax.fori_loop(0, num_branches, one,
                                                      (params, opt_state, metrics))
     elif mode == 'lpa_fused':
-      params, opt_state, metrics = update(params, opt_state, batch, rng, fused_loss, clip=False)
+      params, opt_state, metrics = update(params, opt_state, batch, rng, fused_loss, clip=False,
+                                          step=state.step)
     else:
-      params, opt_state, metrics = update(params, opt_state, batch, rng, full_loss, clip=False)
+      params, opt_state, metrics = update(params, opt_state, batch, rng, full_loss, clip=False,
+                                          step=state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, static_argnames='lpa_pass', donate_argnums=0)

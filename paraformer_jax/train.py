@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from paraformer_jax import (checkpoint, expand, input_pipeline, optim, reporting, sharding,
-                            steps, storage)
+from paraformer_jax import (checkpoint, expand, input_pipeline, optim, reporting, run_state,
+                            sharding, steps, storage)
 from paraformer_jax.model import first_branches, merge_frozen, param_count
 from paraformer_jax.run_state import StagePlan, StateMaker, build_model
 
@@ -129,7 +129,8 @@ class Trainer:
     # Expansion: (branches, classes) of the run whose model is kept inside this one.
     self.source = expand.source_layout(config.expand_from) if config.expand_from else (0, 0)
     self.plan = StagePlan(config, spe, self.source[0])
-    self.tx = optim.make_tx(config.training, spe)
+    self.tx = optim.make_tx(config.training, self.plan.steps_per_stage,
+                            self.plan.warmup_steps)
     image_size = config.data.image_size
     self.states = StateMaker(config, self.plan, self.tx, self.mesh,
                              (image_size, image_size, self.channels), self.source[1])
@@ -195,8 +196,8 @@ class Trainer:
                                        config.training.label_smoothing)
     start = int(state.step) - stage * plan.steps_per_stage
     batches = input_pipeline.train_batches(self.train_source, config.data,
-                                           config.training.batch_size, config.seed + stage,
-                                           self.shard)
+                                           config.training.batch_size,
+                                           run_state.data_seed(config.seed, stage), self.shard)
     data = input_pipeline.iterate(batches, start, config.workers)
     try:
       return self._train_loop(stage, state, train_step, data, writer, preemption)
@@ -208,7 +209,7 @@ class Trainer:
     model = plan.model(stage)
     start = int(state.step) - stage * plan.steps_per_stage
     corrupt = CorruptCount(config.data.max_corrupt_fraction, len(self.train_source))
-    eval_every = config.eval_every_steps or plan.steps_per_epoch
+    eval_every = config.eval_every_steps or plan.steps_per_epoch * plan.passes  # lpa: 2
     label = f'stage {stage + 1}/{plan.num_stages} ' if plan.stagewise else ''
     logging.info('%straining %s: %d branches trained, %d frozen; steps %d..%d of this stage',
                  label, config.training.mode, model.num_branches, model.num_frozen_branches,

@@ -1,4 +1,5 @@
 """Input pipelines on TFDS mock data and on the real digits; clear errors for bad datasets."""
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -103,3 +104,28 @@ def test_geometric_ops_fill_with_gray_on_every_channel(op):
   edge = out[filled & (np.abs(out.astype(int) - [128, 128, 128]).max(-1) <= 1)]
   assert len(edge) > 10  # pure fill pixels (away from the blended border) are gray
   assert not ((out[..., 0] >= 120) & (out[..., 1] <= 10)).any()  # no red fill anywhere
+
+
+def _indexed_source(n):
+  """n examples whose 8x8 image holds its own index (mod 256) and whose label is the index."""
+  return [{'image': np.full((8, 8, 1), i % 256, np.uint8), 'label': i} for i in range(n)]
+
+
+def test_each_pass_is_one_permutation_and_seeds_share_no_order():
+  config = digits.get_config()  # no random augmentation: images pass through
+  source = _indexed_source(100)
+  batches = input_pipeline.train_batches(source, config.data, batch_size=8, seed=5)
+  labels = [batches[b]['label'] for b in range(36)]  # 12 batches per pass, 96 of 100 used
+  passes = [np.concatenate(labels[12 * e:12 * (e + 1)]) for e in range(3)]
+  for p in passes:
+    assert len(set(p.tolist())) == 96  # no example twice within a pass
+  assert not np.array_equal(passes[0], passes[1])  # each pass reshuffles
+  from paraformer_jax import run_state
+  seeds = [run_state.data_seed(s, stage) for s in range(5) for stage in range(2)]
+  assert len(set(seeds)) == 10
+  # Seed 1 does not replay seed 0's second pass (it did, when seeds were seed + k).
+  other = input_pipeline.train_batches(source, config.data, 8, run_state.data_seed(1, 0))
+  assert not np.array_equal(np.concatenate([other[b]['label'] for b in range(12)]), passes[1])
+  keys = {tuple(np.asarray(run_state.rng_stream(s, name, 0)).tolist())
+          for s in range(5) for name in ('init', 'dropout', 'data')}
+  assert len(keys) == 15

@@ -285,6 +285,26 @@ def test_lpa_counts_one_update_per_prefix_and_one_per_full_step(images):
   assert int(state.opt_state['shared'][0].count) == 5 and int(state.step) == 2
 
 
+def test_lpa_learning_rate_is_a_function_of_the_minibatch_step(images):
+  """Warmup from 0: every one of the L + 1 updates of minibatch 0 uses lr(0) = 0, for
+  branches and shared parameters alike (optax's own count reached lr > 0 within the pass)."""
+  import ml_collections
+  model = ParaFormer(num_branches=4, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  training = ml_collections.ConfigDict(dict(learning_rate=1e-3, schedule='cosine',
+                                            optimizer='adamw', weight_decay=0.1))
+  tx = optim.make_tx(training, steps_per_stage=10, warmup_steps=2)  # lr: 0, 5e-4, 1e-3, ...
+  step = steps.make_train_step(model, _mesh1(), tx, 'lpa')
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  state, _ = step(_fresh_state(params, tx), batch, lpa_pass=True)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+  before = jax.device_get(state.params)
+  state, _ = step(state, batch, lpa_pass=False)  # minibatch 1: lr 5e-4 for everything
+  for got, was in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+    assert 0 < np.abs(got - was).max() < 3 * 5e-4  # moved, by about lr(1) (Adam: ~lr)
+
+
 def test_lpa_updates_equal_hand_computed_adam_steps(images):
   """Two branches: update 1 on the branch-1 loss, update 2 on the full loss, by hand."""
   model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
