@@ -55,6 +55,9 @@ def get_config():
   model.dropout = 0.1  # embedding, attention-output and MLP dropout
   model.block_style = 'reference'  # 'prenorm' (x + f(LN x)) or 'reference' (f(LN x) + LN x)
   model.pool = 'cls'  # 'cls' token or 'mean' over tokens
+  # Initial values: 'torch' (the authors': nn.Linear's U(+-1/sqrt(fan_in)), cls and positions
+  # N(0, 1)), 'jax' (Flax's defaults), 'auto' (torch in reference style, else jax).
+  model.param_init = 'auto'
   model.dtype = 'float32'  # computation dtype ('bfloat16' for mixed precision); params f32
   # How a device runs its branches: 'auto' (picks by backend and batch), 'vmap', 'scan',
   # 'unrolled' or 'fused'; all give the same result (docs/benchmarks.md, issue 6).

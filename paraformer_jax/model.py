@@ -18,6 +18,30 @@ HEAD_DIM = 64  # the papers' (and vit-pytorch's) head width
 BLOCK_STYLES = ('prenorm', 'reference')
 POOLS = ('cls', 'mean')
 BRANCH_STRATEGIES = ('auto', 'vmap', 'scan', 'unrolled', 'fused')
+INITS = ('auto', 'torch', 'jax')
+# LayerNorm epsilon per block style: Flax's default, and torch's (the authors' model).
+LN_EPSILON = {'prenorm': 1e-6, 'reference': 1e-5}
+
+
+def torch_kernel_init(key, shape, dtype=jnp.float32):
+  """torch.nn.Linear's default weight init, U(+-1/sqrt(fan_in)), fan_in = shape[0] (the
+  kernel's input axis; Flax's DenseGeneral flattens to (in, out) before initializing)."""
+  bound = 1 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_bias_init(fan_in: int):
+  """torch.nn.Linear's default bias init, U(+-1/sqrt(fan_in))."""
+  bound = 1 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
+
+
+def dense(features, torch_init: bool, fan_in: int, **kwargs):
+  """nn.Dense (or nn.DenseGeneral with `axis`), initialized as torch's nn.Linear if asked."""
+  if torch_init:
+    kwargs.update(kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in))
+  return (nn.DenseGeneral if 'axis' in kwargs else nn.Dense)(features, **kwargs)
 
 
 class Attention(nn.Module):
@@ -31,6 +55,7 @@ class Attention(nn.Module):
   dropout: float
   dtype: Any
   platform: str | None = None  # of the devices it runs on; None: JAX's default backend
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool, num_queries=None, qkv=None, noise=None):
@@ -38,12 +63,13 @@ class Attention(nn.Module):
     `qkv`: (q, k, v), each [batch, heads, tokens, head_dim], computed by the caller (the
     fused branch stack), skipping ours. `noise`: see `Dropout`."""
     if qkv is None:
-      kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), name='qkv')()
+      kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), self.torch_init,
+                         name='qkv')()
       qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype))
     q, k, v = qkv
     y = _attention(q[:, :, :num_queries], k, v, self.platform)
-    y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype, name='out')(
-        y.transpose(0, 2, 1, 3))
+    y = dense(x.shape[-1], self.torch_init, self.num_heads * HEAD_DIM, axis=(-2, -1),
+              dtype=self.dtype, name='out')(y.transpose(0, 2, 1, 3))
     return Dropout(self.dropout)(y, deterministic, noise)
 
 
@@ -78,12 +104,15 @@ def _dense_general_init(key, shape, dtype=jnp.float32):
 
 
 class QkvKernel(nn.Module):
-  """The attention's qkv kernel alone, named and initialised as nn.DenseGeneral's."""
+  """The attention's qkv kernel alone, named and initialised as nn.DenseGeneral's (or as
+  torch's bias-free nn.Linear(D, 3 x inner))."""
   shape: tuple
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self):
-    return self.param('kernel', _dense_general_init, self.shape)
+    return self.param('kernel', torch_kernel_init if self.torch_init else _dense_general_init,
+                      self.shape)
 
 
 def _attention(q, k, v, platform=None):
@@ -149,15 +178,16 @@ class Mlp(nn.Module):
   mlp_dim: int
   dropout: float
   dtype: Any
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool, hidden_only: bool = False, noise=None):
     """`hidden_only`: stop before fc2 (the fused branch stack applies it to all branches)."""
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(x)
+    y = dense(self.mlp_dim, self.torch_init, x.shape[-1], dtype=self.dtype, name='fc1')(x)
     y = Dropout(self.dropout)(gelu(y), deterministic, noise)
     if hidden_only:
       return y
-    y = nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y)
+    y = dense(x.shape[-1], self.torch_init, self.mlp_dim, dtype=self.dtype, name='fc2')(y)
     return Dropout(self.dropout)(y, deterministic, noise)
 
 
@@ -182,24 +212,26 @@ class Block(nn.Module):
   style: str
   dtype: Any
   platform: str | None = None
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool, cls_only: bool = False, first=None,
                defer_fc2: bool = False, noise=None):
     h, qkv = (None, None) if first is None else first
     if h is None and (qkv is None or self.style == 'reference'):
-      h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
+      h = nn.LayerNorm(LN_EPSILON[self.style], dtype=self.dtype, name='norm1')(x)
     queries = 1 if cls_only else None
     # Given qkv, attention reads only the width of its input.
-    y = Attention(self.num_heads, self.dropout, self.dtype, self.platform, name='attn')(
+    y = Attention(self.num_heads, self.dropout, self.dtype, self.platform, self.torch_init,
+                  name='attn')(
         x if h is None else h, deterministic, queries, qkv, noise)
     if cls_only:
       x, h = x[:, :1], (None if h is None else h[:, :1])
     x = y + (h if self.style == 'reference' else x)
-    h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
+    h = nn.LayerNorm(LN_EPSILON[self.style], dtype=self.dtype, name='norm2')(x)
     residual = h if self.style == 'reference' else x
-    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name='mlp')(h, deterministic, defer_fc2,
-                                                               noise)
+    y = Mlp(self.mlp_dim, self.dropout, self.dtype, self.torch_init, name='mlp')(
+        h, deterministic, defer_fc2, noise)
     return (residual, y) if defer_fc2 else y + residual
 
 
@@ -218,6 +250,7 @@ class Branch(nn.Module):
   pool: str
   dtype: Any
   platform: str | None = None
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool, first=None, defer_fc2: bool = False,
@@ -228,7 +261,7 @@ class Branch(nn.Module):
     for i in range(self.depth):
       last = i == self.depth - 1
       x = Block(self.num_heads, self.mlp_dim, self.dropout, self.style, self.dtype,
-                self.platform, name=f'block{i}')(
+                self.platform, self.torch_init, name=f'block{i}')(
                     x, deterministic, last and self.pool == 'cls', first if i == 0 else None,
                     last and defer_fc2, noise)
     if defer_fc2:
@@ -265,6 +298,7 @@ class BranchStack(nn.Module):
   dtype: Any
   strategy: str = 'vmap'
   platform: str | None = None  # of the devices it runs on; None: JAX's default backend
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool, summed: bool = False, noise=None):
@@ -275,7 +309,7 @@ class BranchStack(nn.Module):
       noise = (key, jnp.arange(tokens.shape[0]), jnp.arange(self.num_branches))
     key, rows, branch_ids = noise
     branch_args = (self.depth, self.num_heads, self.mlp_dim, self.dropout, self.style,
-                   self.pool, self.dtype, self.platform)
+                   self.pool, self.dtype, self.platform, self.torch_init)
     stacked = dict(variable_axes={'params': 0}, split_rngs={'params': True})
     strategy = self.strategy
     if strategy == 'auto':
@@ -315,8 +349,8 @@ class BranchStack(nn.Module):
     p = self.variables['params']['branch']['block0']
     g, b = p['norm1']['scale'], p['norm1']['bias']  # [branches, D]
     w = p['attn']['qkv']['kernel']  # [branches, D, 3, heads, head_dim]
-    n = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name='shared_norm')(
-        tokens)
+    n = nn.LayerNorm(LN_EPSILON[self.style], use_scale=False, use_bias=False,
+                     dtype=self.dtype, name='shared_norm')(tokens)
     wide = jnp.einsum('ld,ldsnh->dlsnh', g, w).astype(self.dtype)
     bias = jnp.einsum('ld,ldsnh->lsnh', b, w).astype(self.dtype)[:, None, None]
     qkv = jnp.einsum('btd,dlsnh->lbtsnh', n, wide) + bias
@@ -363,7 +397,7 @@ class PatchEmbed(nn.Module):
   patch_size: int
   width: int
   dropout: float
-  reference_init: bool
+  torch_init: bool
   dtype: Any
 
   @nn.compact
@@ -375,9 +409,9 @@ class PatchEmbed(nn.Module):
     # (p1 p2 c) order inside a patch, as in the authors' einops rearrange.
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (h // p) * (w // p), p * p * c)
-    x = nn.Dense(self.width, dtype=self.dtype, name='patch')(x)
+    x = dense(self.width, self.torch_init, x.shape[-1], dtype=self.dtype, name='patch')(x)
     # The authors draw cls and positions from N(0, 1); ViT's usual choice is 0.02.
-    init = nn.initializers.normal(1.0 if self.reference_init else 0.02)
+    init = nn.initializers.normal(1.0 if self.torch_init else 0.02)
     cls = self.param('cls', init, (1, 1, self.width))
     pos = self.param('pos', init, (1, x.shape[1] + 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
@@ -389,11 +423,14 @@ class Head(nn.Module):
   """LayerNorm + Dense on pooled features; works on any leading axes (e.g. one per prefix)."""
   num_classes: int
   dtype: Any
+  epsilon: float = 1e-6
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, pooled):
-    x = nn.LayerNorm(dtype=self.dtype, name='norm')(pooled)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='out')(x).astype(jnp.float32)
+    x = nn.LayerNorm(self.epsilon, dtype=self.dtype, name='norm')(pooled)
+    return dense(self.num_classes, self.torch_init, x.shape[-1], dtype=self.dtype,
+                 name='out')(x).astype(jnp.float32)
 
 
 class ParaFormer(nn.Module):
@@ -425,6 +462,10 @@ class ParaFormer(nn.Module):
   pool: str = 'cls'
   dtype: Any = jnp.float32
   branch_strategy: str = 'auto'
+  # Initial values: 'torch' (the authors': torch's nn.Linear defaults, cls and positions
+  # N(0, 1)), 'jax' (Flax's defaults, cls and positions N(0, 0.02)); 'auto': torch in
+  # reference style.
+  param_init: str = 'auto'
   num_frozen_branches: int = 0
   branch_axis: str | None = None
   data_axis: str | None = None
@@ -438,14 +479,17 @@ class ParaFormer(nn.Module):
     if self.branch_strategy not in BRANCH_STRATEGIES:
       raise ValueError(f'branch_strategy={self.branch_strategy!r}; choose one of '
                        f'{BRANCH_STRATEGIES}.')
-    reference = self.block_style == 'reference'
-    self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, reference, self.dtype)
+    if self.param_init not in INITS:
+      raise ValueError(f'param_init={self.param_init!r}; choose one of {INITS}.')
+    torch = self.param_init == 'torch' or (self.param_init == 'auto' and
+                                           self.block_style == 'reference')
+    self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, torch, self.dtype)
     stack = lambda n: BranchStack(n, self.branch_depth, self.num_heads, self.mlp_dim,
                                   self.dropout, self.block_style, self.pool, self.dtype,
-                                  self.branch_strategy, self.platform)
+                                  self.branch_strategy, self.platform, torch)
     self.frozen_branches = stack(self.num_frozen_branches) if self.num_frozen_branches else None
     self.branches = stack(self.num_branches)
-    self.head = Head(self.num_classes, self.dtype)
+    self.head = Head(self.num_classes, self.dtype, LN_EPSILON[self.block_style], torch)
 
   def pooled_branch_outputs(self, images, train: bool = False, summed: bool = False):
     """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D], or

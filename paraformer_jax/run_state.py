@@ -24,7 +24,8 @@ def build_model(config) -> ParaFormer:
                     width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                     num_branches=m.num_branches, branch_depth=m.branch_depth,
                     dropout=m.dropout, block_style=m.block_style, pool=m.pool,
-                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy)
+                    dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy,
+                    param_init=m.param_init)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,17 +11,21 @@ from paraformer_jax import model as model_lib
 from paraformer_jax.model import Block, Branch, ParaFormer
 
 
-def _np_layernorm(x, p):
+def _np_layernorm(x, p, eps):
   mu = x.mean(-1, keepdims=True)
   var = x.var(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
+  return (x - mu) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+EPS = {'prenorm': 1e-6, 'reference': 1e-5}  # Flax's default; torch's, as the authors' model
 
 
 def _np_block(x, p, style):
   """A block written from DESIGN.md in numpy, independent of the Flax code."""
   from scipy.special import erf
   p = jax.tree.map(np.asarray, p)
-  h = _np_layernorm(x, p['norm1'])
+  eps = EPS[style]
+  h = _np_layernorm(x, p['norm1'], eps)
   qkv = np.einsum('btd,dsnh->btsnh', h, p['attn']['qkv']['kernel'])
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   s = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(q.shape[-1])
@@ -30,17 +34,20 @@ def _np_block(x, p, style):
   o = np.einsum('bnqk,bknh->bqnh', a, v)
   y = np.einsum('bqnh,nhd->bqd', o, p['attn']['out']['kernel']) + p['attn']['out']['bias']
   x = y + (h if style == 'reference' else x)
-  h = _np_layernorm(x, p['norm2'])
+  h = _np_layernorm(x, p['norm2'], eps)
   u = h @ p['mlp']['fc1']['kernel'] + p['mlp']['fc1']['bias']
   u = 0.5 * u * (1 + erf(u / np.sqrt(2)))
   y = u @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
   return y + (h if style == 'reference' else x)
 
 
+@pytest.mark.parametrize('scale', [1.0, 1e-3], ids=['unit', 'low_variance'])
 @pytest.mark.parametrize('style', ['prenorm', 'reference'])
-def test_block_matches_numpy(style):
+def test_block_matches_numpy(style, scale):
+  """Low-variance tokens (var ~1e-6) make LayerNorm's epsilon matter: 1e-5 and 1e-6 then
+  give outputs apart by far more than the tolerance."""
   block = Block(num_heads=2, mlp_dim=32, dropout=0.0, style=style, dtype=jnp.float32)
-  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 16)))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 16))) * scale
   params = block.init(jax.random.key(0), x, True)['params']
   got = block.apply({'params': params}, x, True)
   want = _np_block(x.astype(np.float64), params, style)
@@ -256,3 +263,46 @@ def test_gelu_is_the_exact_erf_gelu():
   x = np.linspace(-10, 10, 20001, dtype=np.float32)
   want = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
   np.testing.assert_allclose(np.asarray(jax.jit(model_lib.gelu)(x)), want, rtol=0, atol=2e-6)
+
+
+def test_reference_style_starts_from_torch_defaults_and_prenorm_from_flax(images):
+  """Reference style (init 'auto'): every Linear's weights and biases U(+-1/sqrt(fan_in))
+  (bounds and the uniform's std, per parameter), LayerNorm 1 / 0, cls and positions N(0, 1).
+  Prenorm keeps Flax's: zero biases, LeCun-normal kernels."""
+  model = ParaFormer(num_branches=2, branch_depth=2, block_style='reference', **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  patch_dim = SMALL['patch_size'] ** 2 * IMAGE_SHAPE[-1]
+  fans = {"['embed']['patch']": patch_dim, "['attn']['qkv']": SMALL['width'],
+          "['attn']['out']": SMALL['num_heads'] * 64, "['mlp']['fc1']": SMALL['width'],
+          "['mlp']['fc2']": SMALL['mlp_dim'], "['head']['out']": SMALL['width']}
+  checked = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    path, a = jax.tree_util.keystr(path), np.asarray(leaf)
+    layer = next((k for k in fans if k in path), None)
+    if layer:
+      bound = 1 / np.sqrt(fans[layer])
+      assert np.abs(a).max() <= bound, path
+      np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.25, err_msg=path)
+      checked += 1
+    elif 'norm' in path:
+      np.testing.assert_array_equal(a, 1.0 if path.endswith("['scale']") else 0.0)
+    else:
+      assert path in ("['embed']['cls']", "['embed']['pos']"), path
+  assert checked == 2 + 2 * 7 + 2  # patch; per block (branches stacked) qkv, out, fc1, fc2 + biases; head
+  assert 0.7 < np.asarray(params['embed']['pos']).std() < 1.3
+  flax_style = ParaFormer(num_branches=2, branch_depth=1, **SMALL).init(
+      jax.random.key(0), images[:1])['params']
+  assert not np.asarray(flax_style['head']['out']['bias']).any()
+  np.testing.assert_allclose(np.asarray(flax_style['head']['out']['kernel']).std(),
+                             1 / np.sqrt(SMALL['width']), rtol=0.3)
+
+
+def test_reference_head_layernorm_uses_torchs_epsilon(images):
+  model = ParaFormer(num_branches=2, branch_depth=1, block_style='reference', **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  pooled = np.asarray(jax.random.normal(jax.random.key(3), (4, SMALL['width']))) * 1e-3
+  got = model.apply({'params': params}, pooled, method=lambda m, x: m.head(x))
+  p = jax.tree.map(np.asarray, params['head'])
+  want = _np_layernorm(pooled.astype(np.float64), p['norm'], 1e-5) @ p['out']['kernel'] + \
+      p['out']['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
