@@ -306,3 +306,23 @@ def test_reference_head_layernorm_uses_torchs_epsilon(images):
   want = _np_layernorm(pooled.astype(np.float64), p['norm'], 1e-5) @ p['out']['kernel'] + \
       p['out']['bias']
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_masks_have_the_rate_and_differ_per_branch_row_and_key():
+  key, rows = jax.random.PRNGKey(0), jnp.arange(64)
+  keep, keep_prob = model_lib.keep_mask(key, rows, 0.1, (50, 40))
+  keep = np.asarray(keep)
+  n = keep.size
+  assert abs(keep.mean() - keep_prob) < 4 * np.sqrt(0.09 / n)  # binomial bound
+  assert abs(keep_prob - 0.9) < 1 / 65536
+  assert len({r.tobytes() for r in keep}) == 64  # every row its own mask
+  # Row r's mask depends on r, not on where r sits in the batch.
+  again, _ = model_lib.keep_mask(key, rows[::-1], 0.1, (50, 40))
+  np.testing.assert_array_equal(np.asarray(again)[::-1], keep)
+  x = jnp.ones((64, 50, 40))
+  drop = model_lib.Dropout(0.1)
+  out = lambda branch, k=key: np.asarray(drop.apply({}, x, False, noise=(k, rows, branch)))
+  np.testing.assert_allclose(out(0).mean(), 1.0, atol=4 * np.sqrt(0.1 / 0.9 / n))
+  assert (out(0) != out(1)).mean() > 0.1  # branches: different masks (~18% of elements)
+  np.testing.assert_array_equal(out(3), out(3))
+  assert (out(0) != out(0, jax.random.PRNGKey(1))).mean() > 0.1  # steps: different keys
