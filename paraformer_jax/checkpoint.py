@@ -85,6 +85,11 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def best_or_latest_step(self) -> int | None:
+    """best_step, else latest_step (None only when there is no checkpoint; step 0 counts)."""
+    best = self.best_step()
+    return self.latest_step() if best is None else best
+
   def best_step(self) -> int | None:
     """The step with the highest validation accuracy among those saved with metrics, of
     the latest checkpoint's stage: an earlier stage of a stagewise run is a smaller model,

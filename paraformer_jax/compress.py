@@ -73,7 +73,7 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
   if storage.path(out).exists():
     raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
   trainer = train.Trainer(config, workdir, create=False)
-  step = step or trainer.ckpts.best_step() or trainer.ckpts.latest_step()
+  step = trainer.ckpts.best_or_latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory} to compress.')
   state, stage = trainer.restore(step)

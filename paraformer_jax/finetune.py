@@ -22,7 +22,7 @@ def load_pretrained(workdir: str, mesh):
   """
   ckpts = checkpoint.Checkpoints(storage.path(workdir) / 'checkpoints', keep=None,
                                  create=False)
-  step = ckpts.best_step() or ckpts.latest_step()
+  step = ckpts.best_or_latest_step()
   if step is None:
     raise FileNotFoundError(f'{workdir!r} (config.init_from or config.expand_from) holds no '
                             f'checkpoint in {ckpts.directory}; point it at the workdir of a '

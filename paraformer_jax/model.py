@@ -522,7 +522,9 @@ class ParaFormer(nn.Module):
                                                                     self.branches]
     # Global branch indices: frozen branches first, then the trained ones.
     offsets = [0] if self.frozen_branches is None else [0, self.num_frozen_branches]
-    return [s(tokens, not train, summed,
+    # Frozen branches (stagewise, expansion) run without dropout: they are not trained, and
+    # the branches trained beside them then learn on the features they will see at test time.
+    return [s(tokens, not train or s is self.frozen_branches, summed,
               (key, rows, offset + self._global_index(self.branch_axis, s.num_branches)))
             for s, offset in zip(stacks, offsets)]
 

@@ -172,6 +172,9 @@ class Trainer:
     finally:
       data.close()
     count = float(total['count'])
+    if not count:
+      raise ValueError(f'The evaluation split has no examples (config.data: {len(source)} '
+                       f'examples, none readable); check the split names in config.data.')
     return {'prefix_accuracy': (total['correct'] / count).tolist(),
             'loss': float(total['loss_sum'] / count), 'count': int(count)}
 

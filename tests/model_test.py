@@ -326,3 +326,29 @@ def test_dropout_masks_have_the_rate_and_differ_per_branch_row_and_key():
   assert (out(0) != out(1)).mean() > 0.1  # branches: different masks (~18% of elements)
   np.testing.assert_array_equal(out(3), out(3))
   assert (out(0) != out(0, jax.random.PRNGKey(1))).mean() > 0.1  # steps: different keys
+
+
+def _count_primitive(jaxpr, name):
+  """Occurrences of primitive `name` in a jaxpr and every jaxpr nested in its equations."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          count += _count_primitive(inner, name)
+  return count
+
+
+def test_frozen_branches_run_without_dropout(images):
+  """2 frozen + 2 trained branches draw exactly the random bits of the 2 trained branches
+  alone (the embedding's and theirs): none for the frozen ones."""
+  def bits_drawn(frozen):
+    model = ParaFormer(num_branches=2, num_frozen_branches=frozen, branch_depth=1,
+                       dropout=0.5, **SMALL)
+    params = model.init(jax.random.key(0), images[:1])['params']
+    fn = lambda p, k: model.apply({'params': p}, images, True, rngs={'dropout': k})
+    return _count_primitive(jax.make_jaxpr(fn)(params, jax.random.key(1)).jaxpr,
+                            'random_bits')
+  assert bits_drawn(0) > 0 and bits_drawn(2) == bits_drawn(0)
