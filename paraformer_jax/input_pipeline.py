@@ -14,6 +14,7 @@ import os
 
 from absl import flags
 from absl import logging
+import chex
 import grain
 import jax.numpy as jnp
 import numpy as np
@@ -191,6 +192,8 @@ def finish(batch, mean: float, std: float, num_classes: int):
   """uint8 batch -> normalized float32 images, mixed if it carries mixing parameters (soft
   labels). Written for jax.jit on the global batch: the trainer runs it on device, so the
   host only decodes and augments, and moves a quarter of the bytes float32 would take."""
+  chex.assert_rank(batch['image'], 4)
+  chex.assert_equal_shape_prefix([batch['image'], batch['label'], batch['mask']], 1)
   image = (batch['image'].astype(jnp.float32) / 255.0 - mean) / std
   out = {'image': image, 'label': batch['label'], 'mask': batch['mask']}
   if 'mix_lam' in batch:

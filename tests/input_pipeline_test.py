@@ -1,4 +1,8 @@
-"""Input pipelines on TFDS mock data and on the real digits; clear errors for bad datasets."""
+"""Input pipelines on real JPEGs and on the real digits; clear errors for bad datasets; every
+config in configs/ passes the checks."""
+import importlib
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -129,3 +133,16 @@ def test_each_pass_is_one_permutation_and_seeds_share_no_order():
   keys = {tuple(np.asarray(run_state.rng_stream(s, name, 0)).tolist())
           for s in range(5) for name in ('init', 'dropout', 'data')}
   assert len(keys) == 15
+
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
+                 if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name, variant', [(n, None) for n in CONFIGS] + [('cifar10', '32px')])
+def test_every_config_loads_and_passes_the_checks(name, variant):
+  from paraformer_jax import sharding, train
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(variant) if variant else module.get_config()
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices=jax.devices()[:4])
+  train.check_config(config, mesh)  # raises on anything that cannot work
