@@ -85,7 +85,8 @@ def straight_run(data_dir, tmp_path_factory):
 
 
 def _interrupting(after, error=KeyboardInterrupt, poison=False):
-  """An input_pipeline.iterate that stops (or yields NaN images) after `after` batches."""
+  """An input_pipeline.iterate that stops (or yields a batch of NaN images) after `after`
+  batches."""
   real_iterate = input_pipeline.iterate
 
   def iterate(batches, start, workers=0):
@@ -98,8 +99,10 @@ def _interrupting(after, error=KeyboardInterrupt, poison=False):
       yield next(it)
     if not poison:
       raise error
-    batch = next(it)
-    yield {**batch, 'image': np.full_like(batch['image'], np.nan)}
+    batch = next(it)  # uint8 images cannot hold NaN: a NaN mixing weight makes them NaN
+    rows = len(batch['label'])
+    yield {**batch, 'mix_lam': np.full(rows, np.nan, np.float32),
+           'mix_box': np.zeros((rows, 4), np.int32)}
   return iterate
 
 
