@@ -100,6 +100,26 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       return loss_of(logits, batch), logits
     return loss
 
+  def prefix_only_loss(i):
+    # Branches 1..i+1 only: a model of i + 1 branches on the first i + 1 parameter slices,
+    # the work the authors' forward_step(x, i) does (about half of computing all L prefixes
+    # and keeping one, averaged over i). Branch indices, hence dropout masks, are the same.
+    # 'fused' (vmap-based) keeps each prefix's program the size of one branch: 'auto' picks
+    # 'unrolled' on a CPU, and 8 unrolled prefixes took 6x the compile time of the old loop.
+    strategy = 'fused' if model.branch_strategy == 'auto' else model.branch_strategy
+    sub = sharding.sharded_apply(model.clone(num_branches=i + 1, branch_strategy=strategy),
+                                 mesh)
+
+    def loss(params, batch, rng):
+      sliced = {**params, 'branches': jax.tree.map(lambda a: a[:i + 1], params['branches'])}
+      logits = sub(sliced, batch['image'], True, rng)
+      return loss_of(logits, batch), logits
+    return loss
+
+  # Static prefixes need every prefix size to split over the mesh's branch axis; with
+  # branches sharded, the LPA pass keeps one full-model body in a loop (prefix_loss).
+  static_prefixes = mesh.shape['branch'] == 1 and not model.num_frozen_branches
+
   def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
     trained, frozen = split_params(params, frozen_keys)
     (loss, logits), grads = jax.value_and_grad(
@@ -117,7 +137,12 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
   def step(state, batch, lpa_pass=False):
     rng = jax.random.fold_in(state.rng, state.step)
     params, opt_state = state.params, state.opt_state
-    if mode == 'lpa' and lpa_pass:
+    if mode == 'lpa' and lpa_pass and static_prefixes:
+      for i in range(num_branches):  # unrolled: prefix i has its own static shapes
+        params, opt_state, metrics = update(params, opt_state, batch,
+                                            jax.random.fold_in(rng, i), prefix_only_loss(i),
+                                            clip=True, step=state.step, num_present=i + 1)
+    elif mode == 'lpa' and lpa_pass:
       def one(i, carry):
         params, opt_state, _ = carry
         return update(params, opt_state, batch, jax.random.fold_in(rng, i), prefix_loss(i),

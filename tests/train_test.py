@@ -308,6 +308,25 @@ def test_lpa_learning_rate_is_a_function_of_the_minibatch_step(images):
     assert 0 < np.abs(got - was).max() < 3 * 5e-4  # moved, by about lr(1) (Adam: ~lr)
 
 
+def test_lpa_pass_of_prefix_models_equals_the_all_prefix_loop(images):
+  """One device: update i runs a model of branches 1..i only. Branches sharded over 2
+  devices: a loop over the full model's prefix logits. With dropout on, both must give the
+  same parameters (same masks: they follow the global branch index)."""
+  model = ParaFormer(num_branches=4, branch_depth=1, dropout=0.1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  tx = optax.sgd(0.1)  # Adam would turn f32 reordering noise in tiny gradients into lr steps
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  got = {}
+  for name, mesh in (('prefix models', _mesh1()),
+                     ('loop', sharding.make_mesh(1, 2, devices=jax.devices()[:2]))):
+    step = steps.make_train_step(model, mesh, tx, 'lpa')
+    state, _ = step(_fresh_state(params, tx), sharding.global_batch(mesh, batch),
+                    lpa_pass=True)
+    got[name] = jax.device_get(state.params)
+  for a, b in zip(jax.tree.leaves(got['prefix models']), jax.tree.leaves(got['loop'])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
 def test_lpa_updates_equal_hand_computed_adam_steps(images):
   """Two branches: update 1 on the branch-1 loss, update 2 on the full loss, by hand."""
   model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
