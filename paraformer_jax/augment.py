@@ -64,11 +64,8 @@ def rand_augment(image: np.ndarray, layers: int, magnitude: int, rng) -> np.ndar
 def resize(image: np.ndarray, size: int) -> np.ndarray:
   if image.shape[:2] == (size, size):
     return image
-  gray = image.shape[-1] == 1
-  img = Image.fromarray(image[..., 0] if gray else image).resize((size, size),
-                                                                 Image.BILINEAR)
-  out = np.asarray(img, np.uint8)
-  return out[..., None] if gray else out
+  return images.to_array(images.to_pil(image).resize((size, size), Image.BILINEAR),
+                         image.shape[-1])
 
 
 def random_crop(image: np.ndarray, padding: int, rng) -> np.ndarray:

@@ -62,11 +62,3 @@ def apply(images, labels, lam, box, num_classes: int):
   soft = lam[:, None] * onehot + (1 - lam[:, None]) * swap(onehot)
   return mixed, soft
 
-
-def mix_batch(batch, num_classes: int, mixup: float, cutmix: float, seed: int, b: int,
-              first_row: int):
-  """`pair_params` and `apply` in one: batch 'image' float [rows, H, W, C], 'label', 'mask'."""
-  images = batch['image']
-  lam, box = pair_params(batch['mask'], mixup, cutmix, seed, b, first_row, *images.shape[1:3])
-  images, soft = apply(images, batch['label'], lam, box, num_classes)
-  return {**batch, 'image': np.asarray(images), 'label': np.asarray(soft)}
