@@ -83,8 +83,8 @@ def normalize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def train_image(data, prep, rng) -> np.ndarray:
-  """Encoded bytes or uint8 HWC -> augmented uint8 [size, size, C] (normalized later, per
-  batch, in the trainer's process: see input_pipeline).
+  """Encoded bytes or uint8 HWC -> augmented uint8 [size, size, C] (normalized later, on
+  device: input_pipeline.finish).
 
   'inception' (ImageNet, big_vision / DeiT order): random-resized crop, flip, RandAugment on
   the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,

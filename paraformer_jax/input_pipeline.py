@@ -16,7 +16,6 @@ from absl import flags
 from absl import logging
 import chex
 import grain
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -194,7 +193,7 @@ def finish(batch, mean: float, std: float, num_classes: int):
   host only decodes and augments, and moves a quarter of the bytes float32 would take."""
   chex.assert_rank(batch['image'], 4)
   chex.assert_equal_shape_prefix([batch['image'], batch['label'], batch['mask']], 1)
-  image = (batch['image'].astype(jnp.float32) / 255.0 - mean) / std
+  image = augment.normalize(batch['image'], mean, std)  # numpy or jax arrays alike
   out = {'image': image, 'label': batch['label'], 'mask': batch['mask']}
   if 'mix_lam' in batch:
     out['image'], out['label'] = mixing.apply(image, batch['label'], batch['mix_lam'],
