@@ -96,7 +96,7 @@ def _pipeline(args, mesh, images):
 
   kw = _model_kwargs(args)
   embed = PatchEmbed(kw['patch_size'], args.width, 0.0, False, jnp.float32)
-  head = Head(kw['num_classes'], jnp.float32)
+  head = Head(kw['num_classes'], args.width, jnp.float32)
   stage = _stage(args)
   k = jax.random.split(jax.random.key(0), 4)
   # Host copies: constants of the compiled program, or placed on the mesh below.

@@ -16,7 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
+import ml_collections
 
 from paraformer_jax import optim, sharding, steps
 from paraformer_jax.flops import forward_flops
@@ -61,10 +61,13 @@ def matmul_peak(dtype, n=4096, repeats=5):
 
 def trainer_step(model, images, lr=1e-4):
   """(step, [state]) for images of this shape: the trainer's own step (steps.make_train_step,
-  mode 'joint', Adam, the model's dropout) on one device, and its initial TrainState.
-  `call()` below threads the donated state through repeats."""
+  mode 'joint', the trainer's Adam from optim.make_tx with a cosine schedule, the model's
+  dropout) on one device, and its initial TrainState. `call()` below threads the donated
+  state through repeats."""
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-  tx = optax.adam(lr)
+  training = ml_collections.ConfigDict({'learning_rate': lr, 'schedule': 'cosine',
+                                        'optimizer': 'adam'})
+  tx = optim.make_tx(training, steps_per_stage=1000)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   step = steps.make_train_step(model, mesh, tx, 'joint')
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -14,8 +14,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import optax
-
 from configs import cifar10, digits
 from model_throughput import timed
 from paraformer_jax import optim, run_state, sharding, steps, train
@@ -23,12 +21,11 @@ from paraformer_jax import optim, run_state, sharding, steps, train
 CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
 
 
-def step_runner(model, mode, frozen_keys, batch, lpa_pass=None):
+def step_runner(model, tx, mode, frozen_keys, batch, lpa_pass=None):
   """A no-argument function running one train step (state threaded through donation)."""
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   params = model.init(jax.random.key(0), batch['image'][:1])['params']
   trained, _ = steps.split_params(params, frozen_keys)
-  tx = optax.adam(1e-4)
   state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))]
   step = steps.make_train_step(model, mesh, tx, mode, frozen_keys)
@@ -44,10 +41,13 @@ def main():
   parser.add_argument('--config', default='digits', choices=sorted(CONFIGS))
   parser.add_argument('--batch', type=int, default=None, help='default: the config\'s')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--dropout', type=float, default=None, help="default: the config's")
   args = parser.parse_args()
   get_config, channels = CONFIGS[args.config]
   config = get_config()
-  config.model.dropout = 0.0
+  if args.dropout is not None:
+    config.model.dropout = args.dropout
+  tx = optim.make_tx(config.training, steps_per_stage=1000)  # the trainer's optimizer
   batch_size = args.batch or config.training.batch_size
   size = config.data.image_size
   batch = {'image': jax.random.normal(jax.random.key(1), (batch_size, size, size, channels)),
@@ -55,15 +55,15 @@ def main():
   model = run_state.build_model(config)
   L = model.num_branches
   print(f'{args.config}: {size}px, L={L}, M={model.branch_depth}, D={model.width}, '
-        f'batch {batch_size}, backend {jax.default_backend()}')
+        f'dropout {model.dropout:g}, batch {batch_size}, backend {jax.default_backend()}')
 
-  full = step_runner(model, 'lpa', (), batch, lpa_pass=False)
-  t = {'joint': timed(step_runner(model, 'joint', (), batch), repeats=args.repeats),
-       'lpa_fused': timed(step_runner(model, 'lpa_fused', (), batch), repeats=args.repeats)}
-  t['lpa'] = (timed(step_runner(model, 'lpa', (), batch, lpa_pass=True), repeats=args.repeats)
+  full = step_runner(model, tx, 'lpa', (), batch, lpa_pass=False)
+  t = {'joint': timed(step_runner(model, tx, 'joint', (), batch), repeats=args.repeats),
+       'lpa_fused': timed(step_runner(model, tx, 'lpa_fused', (), batch), repeats=args.repeats)}
+  t['lpa'] = (timed(step_runner(model, tx, 'lpa', (), batch, lpa_pass=True), repeats=args.repeats)
               + timed(full, repeats=args.repeats))
   staged = model.clone(num_branches=1, num_frozen_branches=L - 1)
-  t['stagewise'] = timed(step_runner(staged, 'stagewise', ('frozen_branches', 'embed'), batch),
+  t['stagewise'] = timed(step_runner(staged, tx, 'stagewise', ('frozen_branches', 'embed'), batch),
                          repeats=args.repeats)
   print('| mode | s / minibatch | vs lpa | vs joint |')
   print('|---|---|---|---|')

@@ -21,10 +21,10 @@ import json
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import input_pipeline, sharding, storage, train
+from paraformer_jax import cli, input_pipeline, sharding, storage, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
@@ -112,7 +112,7 @@ def _write(config, trainer, out, params, kept, step, report):
   if small.training.mode == 'stagewise':
     small.training.mode = 'joint'  # the compressed model is one stack, no stages
   small.training.branches_per_stage = 1
-  small.init_from = ''
+  small.init_from = small.expand_from = ''  # its parameters are all in the checkpoint
   out = storage.path(out)
   out.mkdir(parents=True)
   as_json = small.to_json_best_effort(indent=1)
@@ -135,8 +135,8 @@ def _write(config, trainer, out, params, kept, step, report):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
-  r = compress(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.k, FLAGS.tolerance, FLAGS.select,
+  cli.setup_logging()
+  r = compress(cli.config(), FLAGS.workdir, FLAGS.out, FLAGS.k, FLAGS.tolerance, FLAGS.select,
                FLAGS.baseline, FLAGS.step)
   print(f'{"branches":>8} {"params":>12} {"val acc":>8} {"test acc":>8} {"ratio":>6}')
   for row in r['rows']:
@@ -153,4 +153,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from paraformer_jax import checkpoint, finetune, input_pipeline, reporting, storage
 from paraformer_jax.model import merge_frozen
 
 
-def source_layout(workdir: str) -> tuple[int, int]:
-  """(branches, frozen ones included; classes) of the run in `workdir`, from metadata."""
+def source_layout(workdir: str, num_classes: int) -> tuple[int, int]:
+  """(branches, frozen ones included; classes) of the run in `workdir`, from metadata;
+  refused if this run (`num_classes`) would drop some of its classes."""
   ckpts = checkpoint.Checkpoints(storage.path(workdir) / 'checkpoints', keep=None,
                                  create=False)
   step = ckpts.latest_step()
@@ -30,33 +29,19 @@ def source_layout(workdir: str) -> tuple[int, int]:
                             f'{ckpts.directory}; point it at the workdir of a trained run.')
   shapes = ckpts.param_shapes(step)
   count = lambda stack: next((s[0] for k, s in shapes.items() if k.startswith(stack)), 0)
-  return (count("['branches']") + count("['frozen_branches']"),
-          shapes["['head']['out']['bias']"][0])
+  classes = count("['head']['out']['bias']") + count("['frozen_head']['out']['bias']")
+  if num_classes <= classes:
+    raise ValueError(f'config.data.num_classes={num_classes}, but config.expand_from={workdir!r} '
+                     f'already has {classes} classes; expansion adds classes: set '
+                     f'config.data.num_classes above {classes} (and data.classes to the new ones).')
+  return count("['branches']") + count("['frozen_branches']"), classes
 
 
 def expanded_params(pretrained, fresh):
-  """`fresh` (a model with frozen_branches) filled from `pretrained` (one merged stack)."""
-  old, new = (p['head']['out']['bias'].shape[0] for p in (pretrained, fresh))
-  if new < old:
-    raise ValueError(f'config.data.num_classes={new} is below the {old} classes of '
-                     f'config.expand_from; expansion keeps every old class.')
-  # The old classes' rows from the old run, the new ones fresh.
-  out = {k: jnp.concatenate([pretrained['head']['out'][k], v[..., old:]], axis=-1)
-         for k, v in fresh['head']['out'].items()}
-  head = {'norm': pretrained['head']['norm'], 'out': out}
+  """`fresh` (a model with frozen branches and classes) filled from `pretrained` (one merged
+  stack and head): its embedding, branches and head become the frozen ones."""
   return {**fresh, 'embed': pretrained['embed'], 'frozen_branches': pretrained['branches'],
-          'head': head}
-
-
-def head_update_mask(head, old: int):
-  """1 where the head may change (the new classes' rows), 0 elsewhere.
-
-  Host arrays made from shapes alone: the train step holds them as constants, which a
-  global array spanning processes cannot be.
-  """
-  new_rows = lambda a: np.broadcast_to(np.arange(a.shape[-1]) >= old, a.shape).astype(a.dtype)
-  return {'norm': jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), head['norm']),
-          'out': jax.tree.map(new_rows, head['out'])}
+          'frozen_head': pretrained['head']}
 
 
 def forgetting(trainer, state):
@@ -68,7 +53,8 @@ def forgetting(trainer, state):
   branches, classes = trainer.source
   before_params, _ = finetune.load_pretrained(trainer.config.expand_from, trainer.mesh)
   model = trainer.plan.model(0)
-  before = (model.clone(num_branches=branches, num_classes=classes, num_frozen_branches=0),
+  before = (model.clone(num_branches=branches, num_classes=classes, num_frozen_branches=0,
+                       num_frozen_classes=0),
             before_params)
   after = merge_frozen(model, state.params)
   rows = []

@@ -9,6 +9,7 @@ exactly once. An image that does not decode is skipped (mask 0) with a warning n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import gc
 import os
 
@@ -47,8 +48,11 @@ def get_source(name: str, split: str, data_dir: str | None):
                                 decoders={'image': tfds.decode.SkipDecoding()})
     return source
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown dataset {name!r} (config.data.name). Use a TFDS name such as '
-                     f"'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
+    known = [*tfds.core.registered.list_imported_builders(), *LOCAL_DATASETS]
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f'Did you mean {near[0]!r}? ' if near else ''
+    raise ValueError(f'Unknown dataset {name!r} (config.data.name). {hint}Use a TFDS name such '
+                     f"as 'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
   except (NotImplementedError, FileNotFoundError, AssertionError) as e:
     # TFDS's own message here is about file formats; say what to do instead.
     raise FileNotFoundError(

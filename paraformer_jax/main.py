@@ -5,12 +5,10 @@
       --mode=eval [--step=N]
 Any config field can be overridden, e.g. --config.training.mode=stagewise.
 """
-import logging as py_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import train
+from paraformer_jax import cli, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -28,18 +26,11 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Keeps our INFO lines, drops the libraries' (Orbax logs a dozen lines per save)."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or 'paraformer_jax' in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.setup_logging()
+  config = cli.config()
   if FLAGS.distributed or FLAGS.coordinator_address:
     import jax
     # CPU collectives across processes (tests, CPU clusters); GPU and TPU ignore it.
@@ -48,10 +39,10 @@ def main(argv):
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

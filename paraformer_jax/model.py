@@ -441,17 +441,29 @@ class PatchEmbed(nn.Module):
 
 
 class Head(nn.Module):
-  """LayerNorm + Dense on pooled features; works on any leading axes (e.g. one per prefix)."""
+  """LayerNorm + Dense on pooled features; works on any leading axes (e.g. one per prefix).
+
+  Without `has_norm` it is the Dense alone, applied to features normalized elsewhere
+  (expansion: the new classes' rows beside the frozen old head, whose LayerNorm they share).
+  """
   num_classes: int
+  width: int
   dtype: Any
   epsilon: float = 1e-6
   torch_init: bool = False
+  has_norm: bool = True
 
-  @nn.compact
-  def __call__(self, pooled):
-    x = nn.LayerNorm(self.epsilon, dtype=self.dtype, name='norm')(pooled)
-    return dense(self.num_classes, self.torch_init, x.shape[-1], dtype=self.dtype,
-                 name='out')(x).astype(jnp.float32)
+  def setup(self):
+    if self.has_norm:
+      self.norm = nn.LayerNorm(self.epsilon, dtype=self.dtype)
+    self.out = dense(self.num_classes, self.torch_init, self.width, dtype=self.dtype)
+
+  def normalize(self, pooled):
+    return self.norm(pooled)
+
+  def __call__(self, pooled, normalized: bool = False):
+    x = pooled if normalized else self.norm(pooled)
+    return self.out(x).astype(jnp.float32)
 
 
 class ParaFormer(nn.Module):
@@ -470,6 +482,10 @@ class ParaFormer(nn.Module):
   own, `params['frozen_branches']`, ahead of the `num_branches` trained ones in
   `params['branches']`, so that the trainer can leave them out of differentiation and of the
   optimizer. `merge_frozen` turns such parameters back into one stack.
+
+  `num_frozen_classes` (expansion) likewise puts the head of the first C classes (its
+  LayerNorm and their rows) in `params['frozen_head']`; `params['head']` then holds only the
+  new classes' rows, so that frozen rows get no gradient and no optimizer state.
   """
   num_classes: int
   patch_size: int = 4
@@ -488,6 +504,7 @@ class ParaFormer(nn.Module):
   # reference style.
   param_init: str = 'auto'
   num_frozen_branches: int = 0
+  num_frozen_classes: int = 0
   branch_axis: str | None = None
   data_axis: str | None = None
   platform: str | None = None
@@ -510,7 +527,21 @@ class ParaFormer(nn.Module):
                                   self.branch_strategy, self.platform, torch)
     self.frozen_branches = stack(self.num_frozen_branches) if self.num_frozen_branches else None
     self.branches = stack(self.num_branches)
-    self.head = Head(self.num_classes, self.dtype, LN_EPSILON[self.block_style], torch)
+    head = lambda n, has_norm=True: Head(n, self.width, self.dtype,
+                                         LN_EPSILON[self.block_style], torch, has_norm)
+    if self.num_frozen_classes:
+      self.frozen_head = head(self.num_frozen_classes)
+      self.head = head(self.num_classes - self.num_frozen_classes, has_norm=False)
+    else:
+      self.frozen_head, self.head = None, head(self.num_classes)
+
+  def logits(self, pooled):
+    """The head on pooled features (any leading axes): [..., classes]."""
+    if self.frozen_head is None:
+      return self.head(pooled)
+    x = self.frozen_head.normalize(pooled)
+    return jnp.concatenate([self.frozen_head(x, normalized=True), self.head(x, normalized=True)],
+                           axis=-1)
 
   def pooled_branch_outputs(self, images, train: bool = False, summed: bool = False):
     """Pooled outputs of each stack's (local) branches: a list of [branches, batch, D], or
@@ -539,12 +570,12 @@ class ParaFormer(nn.Module):
     pooled = sum(self.pooled_branch_outputs(images, train, summed=True))
     if self.branch_axis is not None:
       pooled = jax.lax.psum(pooled, self.branch_axis)
-    return self.head(pooled)
+    return self.logits(pooled)
 
   def prefix_logits(self, images, train: bool = False):
     """Anytime outputs: logits of branches 1..k for every k = 1..L, [L, batch, classes]."""
     pooled = [self._all_branches(p) for p in self.pooled_branch_outputs(images, train)]
-    return self.head(jnp.cumsum(jnp.concatenate(pooled, axis=0), axis=0))
+    return self.logits(jnp.cumsum(jnp.concatenate(pooled, axis=0), axis=0))
 
   def _all_branches(self, pooled):
     """[local branches, ...] -> [all branches, ...] in global order, on every device."""
@@ -574,22 +605,27 @@ def sequential_baseline(depth: int, **kwargs) -> ParaFormer:
 
 
 def merge_frozen_params(params):
-  """params with 'frozen_branches' (if any) joined to 'branches' in one stack, frozen first."""
-  if 'frozen_branches' not in params:
-    return params
-  merged = {k: v for k, v in params.items() if k != 'frozen_branches'}
-  merged['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]),
-                                    params['frozen_branches'], params['branches'])
+  """params with 'frozen_branches' (if any) joined to 'branches' in one stack, frozen first,
+  and a 'frozen_head' (if any) joined to 'head', its rows first."""
+  merged = {k: v for k, v in params.items() if k not in ('frozen_branches', 'frozen_head')}
+  if 'frozen_branches' in params:
+    merged['branches'] = jax.tree.map(lambda f, t: jnp.concatenate([f, t]),
+                                      params['frozen_branches'], params['branches'])
+  if 'frozen_head' in params:
+    frozen = params['frozen_head']
+    merged['head'] = {'norm': frozen['norm'], 'out': jax.tree.map(
+        lambda f, t: jnp.concatenate([f, t], axis=-1), frozen['out'], params['head']['out'])}
   return merged
 
 
 def merge_frozen(model: ParaFormer, params):
-  """(model, params) with frozen and trained branches as one stack, frozen ones first."""
-  if not model.num_frozen_branches:
+  """(model, params) with frozen and trained branches as one stack, frozen ones first, and
+  one head."""
+  if not (model.num_frozen_branches or model.num_frozen_classes):
     return model, params
-  merged = merge_frozen_params(params)
   total = model.num_frozen_branches + model.num_branches
-  return model.clone(num_branches=total, num_frozen_branches=0), merged
+  return (model.clone(num_branches=total, num_frozen_branches=0, num_frozen_classes=0),
+          merge_frozen_params(params))
 
 
 def first_branches(model: ParaFormer, params, k: int):

@@ -73,15 +73,11 @@ def clip_by_global_norm(grads, max_norm: float):
   return jax.tree.map(lambda g: g * jnp.minimum(1.0, max_norm / (norm + 1e-6)), grads), norm
 
 
-def update(tx, grads, state, params, num_present=None, update_mask=None, step=None):
+def update(tx, grads, state, params, num_present=None, step=None):
   """New params and state; branches with index >= num_present (if given) are left as is.
 
   `step`: the minibatch step, for make_tx's learning-rate schedule (other optax transforms
   ignore it).
-
-  `update_mask`: {key: tree of 0/1 arrays} for shared parameter groups that change only
-  where the mask is 1 (expansion: the old classes' head rows stay bit-identical, weight
-  decay included).
   """
   g_branches, g_shared = _split(grads)
   p_branches, p_shared = _split(params)
@@ -94,7 +90,5 @@ def update(tx, grads, state, params, num_present=None, update_mask=None, step=No
     keep = lambda new, old: jnp.where(present.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     u_branches = jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), u_branches)
     s_branches = jax.tree.map(keep, s_branches, state['branches'])
-  for key, mask in (update_mask or {}).items():
-    u_shared[key] = jax.tree.map(lambda u, m: u * m, u_shared[key], mask)
   new_params = optax.apply_updates(params, {**u_shared, **u_branches})
   return new_params, {'branches': s_branches, 'shared': s_shared}

@@ -34,6 +34,7 @@ class StagePlan:
   config: object
   steps_per_epoch: int
   expand_frozen: int = 0  # branches of config.expand_from, frozen ahead of the new ones
+  expand_classes: int = 0  # its classes, whose head rows (and the head's norm) stay frozen
 
   @property
   def stagewise(self):
@@ -60,13 +61,14 @@ class StagePlan:
 
   def model(self, stage: int) -> ParaFormer:
     if not self.stagewise:
-      return build_model(self.config).clone(num_frozen_branches=self.expand_frozen)
+      return build_model(self.config).clone(num_frozen_branches=self.expand_frozen,
+                                            num_frozen_classes=self.expand_classes)
     per = self.config.training.branches_per_stage
     return build_model(self.config).clone(num_branches=per, num_frozen_branches=stage * per)
 
   def frozen_keys(self, stage: int) -> tuple:
     if self.expand_frozen:
-      return ('frozen_branches', 'embed')  # and the old head rows: StateMaker.update_mask
+      return ('frozen_branches', 'embed', 'frozen_head')
     if not self.stagewise or stage == 0:
       return ()
     t = self.config.training
@@ -135,10 +137,9 @@ def abstract_state(plan, tx, mesh, stage, image_shape):
 class StateMaker:
   """Makes, restores and extends the TrainState of a run's stages on its mesh."""
 
-  def __init__(self, config, plan: StagePlan, tx, mesh, image_shape, source_classes: int = 0):
+  def __init__(self, config, plan: StagePlan, tx, mesh, image_shape):
     self.config, self.plan, self.tx, self.mesh = config, plan, tx, mesh
     self.image_shape = image_shape
-    self.source_classes = source_classes  # expansion: the class count of config.expand_from
 
   def _init_params(self, model, rng):
     return init_params(model, rng, self.image_shape)
@@ -202,9 +203,3 @@ class StateMaker:
         f'branches, the config model.num_branches={self.config.model.num_branches}):\n  ' +
         '\n  '.join(problems[:5]) + '\nUse the config the checkpoint was trained with (see '
         f'config.json beside it), or a new --workdir for a different model.')
-
-  def update_mask(self, params):
-    """Expansion: only the new classes' head rows change (the old model stays inside)."""
-    if not self.config.expand_from:
-      return None
-    return {'head': expand.head_update_mask(params['head'], self.source_classes)}

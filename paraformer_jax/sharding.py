@@ -22,12 +22,16 @@ def make_mesh(data: int = -1, branch: int = 1, devices=None) -> jax.sharding.Mes
   n = len(devices)
   if data == -1:
     if branch < 1 or n % branch:
-      raise ValueError(f'mesh branch={branch} does not divide the {n} devices; pick a divisor '
-                       f'of {n} for config.mesh.branch.')
+      raise ValueError(f'config.mesh.branch={branch} does not divide the {n} devices; pick a '
+                       f'divisor of {n}, or on a CPU make {branch} devices with XLA_FLAGS='
+                       f'--xla_force_host_platform_device_count={branch} (set before Python '
+                       f'starts).')
     data = n // branch
   if data * branch != n:
     raise ValueError(f'mesh (data={data}, branch={branch}) needs {data * branch} devices but '
-                     f'{n} are available; set config.mesh.data=-1 to use them all.')
+                     f'{n} are available. Set config.mesh.data=-1 to use them all; on a CPU, '
+                     f'XLA_FLAGS=--xla_force_host_platform_device_count={data * branch} (set '
+                     f'before Python starts) makes {data * branch} devices.')
   axis_types = (jax.sharding.AxisType.Auto,) * 2
   try:
     return jax.make_mesh((data, branch), MESH_AXES, axis_types=axis_types, devices=devices)

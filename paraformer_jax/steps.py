@@ -63,15 +63,14 @@ def split_params(params, frozen_keys):
 
 
 def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0,
-                    update_mask=None, label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0):
   """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
 
   batch: 'image', 'label' (integer or soft) and optionally 'mask' (rows with 0 count for
   nothing: images that did not decode).
 
   `frozen_keys` name top-level parameter groups that get no gradient and no optimizer
-  update ('frozen_branches', and in later stages usually 'embed'). `update_mask` freezes
-  parts of trained groups (see optim.update).
+  update ('frozen_branches', 'frozen_head', and in later stages usually 'embed').
   """
   if mode not in MODES:
     raise ValueError(f'config.training.mode={mode!r}; choose one of {MODES}.')
@@ -128,8 +127,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
     else:
       grad_norm = optax.global_norm(grads)
-    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, update_mask,
-                                      step)
+    trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, step)
     acc = accuracy(logits, batch['label'], batch.get('mask'))
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}

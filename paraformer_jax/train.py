@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import time
 
 import jax
@@ -21,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from paraformer_jax import (checkpoint, expand, input_pipeline, optim, reporting, run_state,
                             sharding, steps, storage)
+from paraformer_jax.preemption import Interrupted, Preemption
 from paraformer_jax.model import first_branches, merge_frozen, param_count
 from paraformer_jax.run_state import StagePlan, StateMaker, build_model
 
@@ -30,13 +30,9 @@ def check_config(config, mesh):
   t = config.training
   if t.mode not in steps.MODES:
     raise ValueError(f'config.training.mode={t.mode!r}; choose one of {steps.MODES}.')
+  check_ranges(config)
   model = build_model(config)
   input_pipeline.check_config(config.data, t.batch_size // sharding.data_shard(mesh)[1])
-  if not 0 <= t.label_smoothing < 1:
-    raise ValueError(f'config.training.label_smoothing={t.label_smoothing}: use a value in '
-                     f'[0, 1).')
-  if config.workers < 0:
-    raise ValueError(f'config.workers={config.workers}: use 0 (no worker processes) or more.')
   sharding.check_divisible(model, mesh, t.batch_size)
   sharding.check_divisible(model, mesh, config.eval_batch_size)
   if t.mode == 'stagewise':
@@ -56,29 +52,41 @@ def check_config(config, mesh):
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
 
 
-class Preemption:
-  """SIGTERM (preemption, scancel, kill) asks the loop to save after the current step.
+# (field, test, what it accepts): numbers that cannot work are refused before anything runs
+# (a negative learning rate trained to chance accuracy and exited 0).
+RANGES = (
+    ('training.learning_rate', lambda v: v > 0, 'a number > 0'),
+    ('training.epochs', lambda v: v >= 1, 'an integer >= 1'),
+    ('training.batch_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('training.warmup_epochs', lambda v: v >= 0, 'a number >= 0'),
+    ('training.weight_decay', lambda v: v >= 0, 'a number >= 0'),
+    ('training.label_smoothing', lambda v: 0 <= v < 1, 'a value in [0, 1)'),
+    ('training.clip_norm', lambda v: v > 0, 'a number > 0'),
+    ('model.num_branches', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.branch_depth', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.width', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.num_heads', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.mlp_dim', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.patch_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('model.dropout', lambda v: 0 <= v < 1, 'a rate in [0, 1)'),
+    ('data.image_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('data.num_classes', lambda v: v >= 2, 'an integer >= 2'),
+    ('data.std', lambda v: v > 0, 'a number > 0'),
+    ('eval_batch_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('eval_every_steps', lambda v: v >= 0, '0 (every epoch) or more'),
+    ('log_every_steps', lambda v: v >= 1, 'an integer >= 1'),
+    ('keep_checkpoints', lambda v: v >= 1, 'an integer >= 1'),
+    ('workers', lambda v: v >= 0, '0 (no worker processes) or more'),
+)
 
-  On several processes, they agree on the step to stop at: each step, a process stops if
-  any process was signalled.
-  """
 
-  def __init__(self):
-    self._signalled = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook's worker): no handler
-      logging.warning('SIGTERM handling is off: the trainer does not run in the main thread.')
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._signalled = True
-    logging.warning('SIGTERM received: saving after the current step, then exiting.')
-
-  def requested(self) -> bool:
-    if jax.process_count() == 1:
-      return self._signalled
-    return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
+def check_ranges(config):
+  for field, ok, accepts in RANGES:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    if not ok(value):
+      raise ValueError(f'config.{field}={value!r}: use {accepts}.')
 
 
 class CorruptCount:
@@ -127,22 +135,32 @@ class Trainer:
       raise ValueError(f'The training split has {len(self.train_source)} examples, fewer than '
                        f'one batch of {config.training.batch_size}; lower the batch size.')
     # Expansion: (branches, classes) of the run whose model is kept inside this one.
-    self.source = expand.source_layout(config.expand_from) if config.expand_from else (0, 0)
-    self.plan = StagePlan(config, spe, self.source[0])
+    self.source = (expand.source_layout(config.expand_from, config.data.num_classes)
+                   if config.expand_from else (0, 0))
+    self.plan = StagePlan(config, spe, *self.source)
     self.tx = optim.make_tx(config.training, self.plan.steps_per_stage,
                             self.plan.warmup_steps)
     image_size = config.data.image_size
     self.states = StateMaker(config, self.plan, self.tx, self.mesh,
-                             (image_size, image_size, self.channels), self.source[1])
-    self.ckpts = checkpoint.Checkpoints(self.workdir / 'checkpoints',
-                                        keep=config.keep_checkpoints, create=create)
-    self.stage_ckpts = checkpoint.Checkpoints(self.workdir / 'stages', keep=None,
-                                              keep_best=False,
-                                              create=create and self.plan.stagewise)
+                             (image_size, image_size, self.channels))
+    self._open_checkpoints(create)
     self._eval_steps = {}  # compiled once per branch layout, not once per validation
     # uint8 host batches -> the model's input, on device (input_pipeline.finish).
     self._finish = jax.jit(functools.partial(input_pipeline.finish, mean=d.mean, std=d.std,
                                              num_classes=d.num_classes))
+
+  def _open_checkpoints(self, create: bool):
+    self.ckpts = checkpoint.Checkpoints(self.workdir / 'checkpoints',
+                                        keep=self.config.keep_checkpoints, create=create)
+    self.stage_ckpts = checkpoint.Checkpoints(self.workdir / 'stages', keep=None,
+                                              keep_best=False,
+                                              create=create and self.plan.stagewise)
+
+  def open_for_writing(self):
+    """Makes the workdir and its checkpoint directories (a Trainer made with create=False
+    has checked every setting and input without writing anything)."""
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._open_checkpoints(create=True)
 
   def device_batch(self, batch):
     """This process's host batch -> the global batch the steps take, on device."""
@@ -190,12 +208,11 @@ class Trainer:
     return metrics
 
   def train_stage(self, stage, state, writer, preemption):
-    """Trains to the end of the stage; returns (state, preempted)."""
+    """Trains to the end of the stage; returns its state."""
     plan, config = self.plan, self.config
     model = plan.model(stage)
     train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
                                        plan.frozen_keys(stage), config.training.clip_norm,
-                                       self.states.update_mask(state.params),
                                        config.training.label_smoothing)
     start = int(state.step) - stage * plan.steps_per_stage
     batches = input_pipeline.train_batches(self.train_source, config.data,
@@ -244,19 +261,32 @@ class Trainer:
       saved = done % eval_every == 0 or done == plan.steps_per_stage
       if saved:
         self.validate_and_save(stage, state, writer)
-      if preemption.requested():
+      signum = preemption.requested()
+      if signum:
         if not saved:
           self.ckpts.save(step, state, {'stage': stage})
         self.ckpts.wait()
         logging.warning('Preempted: saved step %d in %s; the same command resumes from it.',
                         step, self.ckpts.directory)
-        return state, True
-    return state, False
+        raise Interrupted(signum, step, self.ckpts.directory)
+    return state
 
   def run(self):
-    """Trains every remaining stage and reports; None if preempted (after saving)."""
-    preemption = Preemption()
+    """Trains every remaining stage and reports. On SIGTERM or Ctrl-C it saves after the
+    current step and raises Interrupted."""
     writer = reporting.MetricWriter(self.workdir)
+    try:
+      with Preemption() as preemption:
+        state = self._train_stages(writer, preemption)
+      self.ckpts.wait()
+      results = report(self, self.plan.num_stages - 1, state, 'final')
+      if self.config.expand_from:
+        results['forgetting'] = expand.forgetting(self, state)
+      return results
+    finally:
+      writer.close()
+
+  def _train_stages(self, writer, preemption):
     latest = self.ckpts.latest_step()
     if latest is None:
       state, layout = self.states.initial(), 0
@@ -269,22 +299,15 @@ class Trainer:
         continue  # this stage had already finished
       if layout < stage:
         state, layout = self.states.extend(state, stage), stage
-      state, preempted = self.train_stage(stage, state, writer, preemption)
-      if preempted:
-        writer.close()
-        return None
+      state = self.train_stage(stage, state, writer, preemption)
       if self.plan.stagewise:  # kept for users: the model as each stage left it
         # One save in flight at a time: a 2-process run once failed here, its finalize of
         # checkpoints/ step N finding one process's array metadata while stages/ saved N.
         self.ckpts.wait()
         self.stage_ckpts.save(int(state.step), state, {'stage': stage})
         self.stage_ckpts.wait()
-    self.ckpts.wait()
-    results = report(self, self.plan.num_stages - 1, state, 'final')
-    if self.config.expand_from:
-      results['forgetting'] = expand.forgetting(self, state)
-    writer.close()
-    return results
+    return state
+
 
 def report(trainer, stage, state, name, split=None):
   """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
@@ -342,11 +365,28 @@ def check_workdir(config, workdir: str):
                      f'kept), or the settings in {path}.')
 
 
-def save_config(config, workdir: str):
-  """workdir/config.json, never seen half-written by the other processes, which may still be
-  in check_workdir (a fresh multi-host run used to crash there)."""
-  storage.write_atomic(storage.path(workdir) / 'config.json',
-                       config.to_json_best_effort(indent=1))
+def save_config(config, workdir: str, has_checkpoints: bool):
+  """workdir/config.json: the settings the checkpoints are made with. Written when the run
+  starts afresh; a resume with other (not run-defining) settings keeps it and says what
+  differs. Never seen half-written by the other processes, which may still be in
+  check_workdir (a fresh multi-host run used to crash there)."""
+  path = storage.path(workdir) / 'config.json'
+  text = config.to_json_best_effort(indent=1)
+  if has_checkpoints and path.exists():
+    saved, now = (_flatten(json.loads(t)) for t in (path.read_text(), text))
+    changed = [f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+      logging.warning('Resuming with settings that differ from %s (which keeps those the run '
+                      'started with): %s', path, '; '.join(changed))
+    return
+  storage.write_atomic(path, text)
+
+
+def _flatten(tree, prefix=''):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
 
 
 def check_sources(config, workdir: str):
@@ -360,11 +400,11 @@ def check_sources(config, workdir: str):
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
   check_sources(config, workdir)
-  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   check_workdir(config, workdir)
+  trainer = Trainer(config, workdir, create=False)  # every setting and input checked...
+  trainer.open_for_writing()  # ...before anything is written
   if jax.process_index() == 0:
-    save_config(config, workdir)
-  trainer = Trainer(config, workdir)
+    save_config(config, workdir, trainer.ckpts.latest_step() is not None)
   try:
     return trainer.run()
   finally:

@@ -15,20 +15,22 @@ IMAGE_SHAPE = (8, 8, 3)
 SMALL = dict(num_classes=10, patch_size=4, width=64, num_heads=1, mlp_dim=128)
 
 
-def preempt_at(procs, marker: str) -> list[str]:
+def preempt_at(procs, marker: str, sig=None) -> list[str]:
   """Reads the first process's output until a line holds `marker` (training under way),
-  sends SIGTERM to every process, and returns all of its lines once every process has
-  exited; fails, showing the end of the output, unless all exited with status 0."""
+  sends `sig` (SIGTERM) to every process, and returns all of its lines once every process
+  has exited; fails, showing the end of the output, unless all exited with status
+  128 + sig (saved, not finished)."""
   import signal
+  sig = sig or signal.SIGTERM
   lines = []
   for line in procs[0].stdout:
     lines.append(line)
     if marker in line:
       for p in procs:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
       break
   lines += procs[0].stdout.readlines()
-  assert [p.wait(timeout=300) for p in procs] == [0] * len(procs), ''.join(lines[-30:])
+  assert [p.wait(timeout=300) for p in procs] == [128 + sig] * len(procs), ''.join(lines[-30:])
   return lines
 
 

@@ -65,7 +65,7 @@ def test_vmapped_stack_equals_loop_over_branches(small_model, small_params, imag
   stacked = small_params['branches']['branch']
   total = sum(branch.apply({'params': jax.tree.map(lambda a: a[i], stacked)}, tokens, True)
               for i in range(small_model.num_branches))
-  head = model_lib.Head(SMALL['num_classes'], jnp.float32)
+  head = model_lib.Head(SMALL['num_classes'], SMALL['width'], jnp.float32)
   want = head.apply({'params': small_params['head']}, total)
   got = small_model.apply({'params': small_params}, images)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -98,7 +98,7 @@ def test_sequential_baseline_is_a_plain_stack_of_blocks(images):
     block = Block(SMALL['num_heads'], SMALL['mlp_dim'], 0.0, 'prenorm', jnp.float32)
     p = jax.tree.map(lambda a: a[0], params['branches']['branch'][f'block{i}'])
     x = block.apply({'params': p}, x, True)
-  want = model_lib.Head(10, jnp.float32).apply({'params': params['head']}, x[:, 0])
+  want = model_lib.Head(10, 64, jnp.float32).apply({'params': params['head']}, x[:, 0])
   np.testing.assert_allclose(vit.apply({'params': params}, images), want, rtol=1e-5, atol=1e-5)
 
 
@@ -110,6 +110,36 @@ def test_paper_configuration_parameter_count():
   assert model_lib.param_count(shapes['embed']) == 185_664
   assert model_lib.param_count(shapes['head']) == 2_314
   assert model_lib.param_count(shapes['branches']) == 16 * 444_288
+
+
+def _np_forward(params, images, style, pool, eps):
+  """The whole model in numpy from DESIGN.md: patches (p1 p2 c order), cls, positions, each
+  branch's blocks, pooling, the sum over branches, the head."""
+  p = jax.tree.map(np.asarray, params)
+  b, h, w, c = images.shape
+  ps = 4
+  x = np.asarray(images).reshape(b, h // ps, ps, w // ps, ps, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, -1, ps * ps * c) @ p['embed']['patch']['kernel'] + p['embed']['patch']['bias']
+  x = np.concatenate([np.broadcast_to(p['embed']['cls'], (b, 1, x.shape[-1])), x], 1)
+  x = x + p['embed']['pos']
+  pooled = 0
+  for i in range(p['branches']['branch']['block0']['norm1']['scale'].shape[0]):
+    y = x
+    for name in sorted(p['branches']['branch']):
+      y = _np_block(y, jax.tree.map(lambda a: a[i], p['branches']['branch'][name]), style)
+    pooled = pooled + (y.mean(1) if pool == 'mean' else y[:, 0])
+  z = _np_layernorm(pooled, p['head']['norm'], eps)
+  return z @ p['head']['out']['kernel'] + p['head']['out']['bias']
+
+
+@pytest.mark.parametrize('pool', ['mean', 'cls'])
+def test_whole_model_and_pooling_match_numpy(images, pool):
+  model = ParaFormer(num_branches=2, branch_depth=1, pool=pool, block_style='reference',
+                     **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  want = _np_forward(params, images, 'reference', pool, EPS['reference'])
+  np.testing.assert_allclose(model.apply({'params': params}, images), want, rtol=2e-4,
+                             atol=2e-4)
 
 
 def test_mean_pool_and_reference_init(images):
@@ -131,6 +161,23 @@ def test_bfloat16_compute_keeps_float32_params(small_model, small_params, images
   want = small_model.apply({'params': small_params}, images)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, atol=0.1 * float(jnp.abs(want).max()))
+  # Every matmul really takes bf16 operands: the compute dtype, not a cast of the result.
+  jaxpr = jax.make_jaxpr(lambda p, x: bf16.apply({'params': p}, x))(small_params, images)
+  dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
+  # per block qkv, scores, mix, out, fc1, fc2 (branches batched in one), the embed, the head
+  assert len(dots) >= 6 * small_model.branch_depth + 2
+  assert {v.aval.dtype for e in dots for v in e.invars} == {jnp.dtype('bfloat16')}
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (pjit, scan, custom_vjp...) included."""
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(sub, 'jaxpr', sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          yield from _equations(inner)
 
 
 def test_image_not_divisible_by_patch_is_refused(small_model):

@@ -155,12 +155,12 @@ def test_config_json_is_never_seen_half_written(data_dir, tmp_path):
   """Multi-host: process 0 writes config.json while the others run check_workdir on it."""
   config = tiny_config(data_dir)
   workdir = str(tmp_path)
-  train.save_config(config, workdir)
+  train.save_config(config, workdir, has_checkpoints=False)
   done = threading.Event()
 
   def keep_writing():
     for _ in range(200):
-      train.save_config(config, workdir)
+      train.save_config(config, workdir, has_checkpoints=False)
     done.set()
   writer = threading.Thread(target=keep_writing)
   writer.start()
@@ -380,6 +380,61 @@ def test_lpa_updates_equal_hand_computed_adam_steps(images):
                            - jax.tree.leaves(params['branches'])[0][1])).max() > 0.5 * lr
 
 
+def test_lpa_pass_clips_the_gradient_and_the_full_pass_does_not(images):
+  """With one branch both passes differentiate the same loss; plain SGD shows the scale."""
+  model = ParaFormer(num_branches=1, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  # A scaled-up head makes the gradient norm well above clip_norm=1.
+  params['head']['out']['kernel'] = params['head']['out']['kernel'] * 30
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  lr = 0.1
+  tx = optax.sgd(lr)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p}, images), batch['label']).mean()
+  grads = jax.grad(loss)(params)
+  norm = float(optax.global_norm(grads))
+  assert norm > 2
+  step = steps.make_train_step(model, _mesh1(), tx, 'lpa', clip_norm=1.0)
+  moved = {}
+  for lpa_pass in (True, False):
+    state, metrics = step(_fresh_state(params, tx), batch, lpa_pass=lpa_pass)
+    np.testing.assert_allclose(metrics['grad_norm'], norm, rtol=1e-4)
+    moved[lpa_pass] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params,
+                                   params)
+  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g / norm, rtol=1e-3,
+                                                       atol=1e-7), moved[True], grads)
+  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g, rtol=1e-3, atol=1e-6),
+               moved[False], grads)
+
+
+@pytest.mark.slow
+def test_lpa_through_the_trainer_alternates_whole_passes(data_dir, tmp_path, monkeypatch):
+  """An lpa epoch: one LPA pass over the split, then one full pass; validation after both."""
+  config = tiny_config(data_dir, epochs=1, mode='lpa')
+  config.eval_every_steps = 0  # every epoch
+  passes, validated = [], []
+  real_make, real_validate = steps.make_train_step, train.Trainer.validate_and_save
+
+  def make_train_step(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def recording(state, batch, lpa_pass=False):
+      passes.append(lpa_pass)
+      return step(state, batch, lpa_pass=lpa_pass)
+    return recording
+
+  def validate(self, stage, state, writer):
+    validated.append(int(state.step))
+    return real_validate(self, stage, state, writer)
+  monkeypatch.setattr(steps, 'make_train_step', make_train_step)
+  monkeypatch.setattr(train.Trainer, 'validate_and_save', validate)
+  train.train_and_evaluate(config, str(tmp_path / 'lpa'))
+  d = config.data
+  spe = len(input_pipeline.split_source(d, d.train_split)) // config.training.batch_size
+  assert passes == [True] * spe + [False] * spe
+  assert validated == [2 * spe]
+
+
 def test_fused_loss_is_the_mean_of_prefix_losses(images):
   model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
   params = model.init(jax.random.key(0), images[:1])['params']
@@ -414,7 +469,9 @@ def test_exact_evaluation_counts_every_example_once(data_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, tmp_path):
+def test_ctrl_c_saves_the_current_step_and_the_same_command_resumes(data_dir, tmp_path):
+  """SIGINT as SIGTERM (preempt_at: exit status 130 = 128 + SIGINT); the multi-process
+  tests send SIGTERM."""
   workdir = str(tmp_path / 'preempted')
   cmd = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
@@ -422,10 +479,13 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes(data_dir, t
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  lines = preempt_at([proc], 'step 4/52')
+  lines = preempt_at([proc], 'step 4/52', signal.SIGINT)
   saved = [l for l in lines if 'Preempted: saved step' in l]
   assert len(saved) == 1, ''.join(lines[-30:])
   step = int(saved[0].split('saved step ')[1].split()[0])
+  assert lines[-1].strip() == (f'interrupted by SIGINT at step {step}: saved in '
+                               f'{workdir}/checkpoints. Resume with the same command.')
+  assert not any('Traceback' in l for l in lines)
   assert 4 <= step < 52
   config = tiny_config(data_dir, epochs=4)
   assert train.Trainer(config, workdir).ckpts.latest_step() == step
@@ -554,6 +614,34 @@ def test_fine_tuning_with_another_class_count_restores_all_but_the_head(straight
     train.Trainer(tuned, str(tmp_path / 'tuned8')).states.initial()
 
 
+def _independent_greedy(trainer, model, params):
+  """Greedy forward selection written afresh: each branch's pooled features on the
+  validation split, each candidate set's sum through the head, the most correct added."""
+  batches = input_pipeline.eval_batches(trainer.val_source, trainer.config.data,
+                                        trainer.config.eval_batch_size, trainer.shard)
+  data = input_pipeline.iterate(batches, 0)
+  feats, labels, masks = [], [], []
+  for batch in data:
+    batch = trainer.device_batch(batch)
+    feats.append(model.apply({'params': params}, batch['image'],
+                             method=ParaFormer.pooled_branch_outputs)[0])
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+  data.close()
+  feats, labels, masks = (jnp.concatenate(x, axis=-2 if x is feats else 0)
+                          for x in (feats, labels, masks))
+
+  def correct(subset):
+    logits = model.apply({'params': params}, feats[jnp.asarray(subset)].sum(0),
+                         method=ParaFormer.logits)
+    return int(((jnp.argmax(logits, -1) == labels) * masks).sum())
+  order, remaining = [], list(range(model.num_branches))
+  while remaining:
+    order.append(max(remaining, key=lambda j: correct(order + [j])))
+    remaining.remove(order[-1])
+  return order
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('select', ['prefix', 'greedy'])
 def test_compressed_checkpoint_gives_the_logits_of_the_kept_branches(straight_run, tmp_path,
@@ -578,6 +666,8 @@ def test_compressed_checkpoint_gives_the_logits_of_the_kept_branches(straight_ru
   source = train.Trainer(config, workdir)
   full_state, _ = source.restore(report['step'])
   model = source.plan.model(0)
+  if select == 'greedy':
+    assert report['order'] == _independent_greedy(source, model, full_state.params)
   params = compress.reorder(jax.device_get(full_state.params), report['kept'] + [
       b for b in range(4) if b not in report['kept']])
   sub_model, sub_params = first_branches(model, params, 2)

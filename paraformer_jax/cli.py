@@ -1,0 +1,145 @@
+"""What the command-line programs share: flag parsing and errors that read as one message.
+
+A user error (a bad setting, a missing dataset or checkpoint, a refused workdir) is printed
+as `error: <message>` on stderr, the fix on its last line, and the program exits with 2; a
+traceback helps only for a bug report, so it is kept with --verbose (or PARAFORMER_VERBOSE=1).
+"""
+from __future__ import annotations
+
+import difflib
+import logging as py_logging
+import os
+import re
+import signal
+import sys
+
+from absl import app, flags, logging
+
+from paraformer_jax.preemption import Interrupted
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('verbose', False, 'Print the full traceback of an error (for bug reports); '
+                  'also PARAFORMER_VERBOSE=1.')
+
+# What bad settings and missing inputs raise, in our code and in the libraries we call with
+# them. Anything else (a bug) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               PermissionError, KeyError, AttributeError, TypeError)
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+  """A refusal whose message is complete (raised by the flag parser)."""
+
+
+def verbose() -> bool:
+  return os.environ.get('PARAFORMER_VERBOSE', '') not in ('', '0') or (
+      FLAGS.is_parsed() and FLAGS.verbose)
+
+
+def message(e: BaseException) -> str:
+  """The message of `e` as a user should read it."""
+  text = str(e)
+  if isinstance(e, KeyError) and len(e.args) == 1:
+    text = str(e.args[0])  # KeyError's str() quotes its argument
+  return text.strip() or type(e).__name__
+
+
+def exit_with(e: BaseException):
+  print(f'error: {message(e)}', file=sys.stderr, flush=True)
+  if not isinstance(e, UserError):
+    print('(run again with --verbose for the traceback)', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def config_field_error(e: AttributeError | KeyError, argv) -> UserError:
+  """ml_collections' "'\\'num_brances\\'\\nDid you mean ..." as one line naming the flag."""
+  text = message(e)
+  asked = text.split('Did you mean')[0]  # where the missing name is
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    flag = arg.split('=')[0]
+    parts = flag[len('--config.'):].split('.')
+    missing = next((i for i, p in enumerate(parts) if re.search(rf'\b{re.escape(p)}\b', asked)),
+                   None)
+    if missing is None:
+      continue
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    fix = (f'did you mean --config.{".".join(parts[:missing] + [hint.group(1)])}?' if hint
+           else f'see the fields of config.{".".join(parts[:missing]) or "<top level>"} in '
+           f'the config file.')
+    return UserError(f'{flag}: the config has no field {parts[missing]!r}; {fix}')
+  return UserError(f'{text}\nCheck the --config.* overrides against the config file.')
+
+
+def parse_flags(argv):
+  """absl's parser, with ml_collections' override errors as one line each."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    raise UserError(f'{e}\nPass --help for the flags.') from e
+  except (AttributeError, KeyError) as e:
+    raise config_field_error(e, argv) from e
+  except (ValueError, TypeError) as e:
+    raise UserError(f'{message(e)}\nCheck the --config.* overrides.') from e
+
+
+def config(name: str = 'config'):
+  """The config of flag --`name` (ml_collections loads the file on first access)."""
+  value = FLAGS[name].value
+  try:
+    value.keys()  # a config that failed to load is a placeholder that raises here
+  except Exception as e:  # noqa: BLE001 (the placeholder re-raises the loader's error)
+    raise UserError(f'--{name}={FLAGS[name].config_filename} does not load: '
+                    f'{message(e).splitlines()[-1].strip()}\nPass a config file, e.g. '
+                    f'--{name}=configs/digits.py.') from e
+  return value
+
+
+def _parser(argv):
+  try:
+    return parse_flags(argv)
+  except UserError as e:
+    exit_with(e)
+
+
+def run(main):
+  """app.run(main), with user errors (while parsing or running) as one message and exit 2."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except Interrupted as e:  # saved: not an error, but the run did not finish
+      print(e, file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      if verbose():
+        raise
+      print('interrupted: stopped at once, without saving; the same command resumes from the '
+            'last checkpoint.', file=sys.stderr, flush=True)
+      sys.exit(128 + signal.SIGINT)
+    except (UserError, OSError) + USER_ERRORS as e:
+      if verbose():
+        raise
+      exit_with(e)
+
+  app.run(guarded, flags_parser=_parser)
+
+
+def closest(name: str, choices) -> str:
+  """' Did you mean X?' for the choice closest to `name`, or ''."""
+  near = difflib.get_close_matches(name, list(choices), n=1)
+  return f' Did you mean {near[0]!r}?' if near else ''
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps our INFO lines, drops the libraries' (Orbax logs a dozen lines per save)."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or 'paraformer_jax' in record.pathname
+
+
+def setup_logging():
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
