@@ -140,6 +140,21 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or 'paraformer_jax' in record.pathname
 
 
+class _Short(py_logging.Formatter):
+  """'12:00:01 message' ('12:00:01 WARNING: message'), instead of absl's
+  'I1123 12:00:01.123456 140234 train.py:254] message'."""
+
+  def format(self, record):
+    level = '' if record.levelno <= py_logging.INFO else f'{record.levelname}: '
+    text = f'{self.formatTime(record, "%H:%M:%S")} {level}{record.getMessage()}'
+    if record.exc_info:
+      text += '\n' + self.formatException(record.exc_info)
+    return text
+
+
 def setup_logging():
+  """Our INFO lines, short; the libraries' only from WARNING up."""
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  handler.setFormatter(_Short())

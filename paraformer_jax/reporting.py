@@ -102,10 +102,13 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
 
 
-def progress_line(stage: str, step: int, total: int, metrics: dict, images_per_s: float,
-                  eta_s: float) -> str:
+def progress_line(stage: str, step: int, total: int, metrics: dict, images_per_s, eta_s) -> str:
+  """`step` of `total` counted over the whole run (all stages); the rate and ETA are None
+  when only compiling steps were timed so far."""
+  speed = ('compiling' if images_per_s is None else
+           f'{images_per_s:.1f} img/s ETA {format_duration(eta_s)}')
   return (f'{stage}step {step}/{total} loss {metrics["loss"]:.4f} '
-          f'acc {metrics["accuracy"]:.3f} {images_per_s:.1f} img/s ETA {format_duration(eta_s)}')
+          f'acc {metrics["accuracy"]:.3f} {speed}')
 
 
 def prefix_rows(accuracies, param_counts):
@@ -129,20 +132,37 @@ def forgetting_table(rows, old_branches: int, new_branches: int) -> str:
   return '\n'.join(lines)
 
 
-def plot_prefix(rows, path: str, title: str):
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ks = [r['branches'] for r in rows]
-  ax.plot(ks, [100 * r['accuracy'] for r in rows], marker='o')
-  ax.set_xlabel('branches used (first k)')
-  ax.set_ylabel('accuracy (%)')
-  ax.set_xticks(ks)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  twin = ax.twinx()
-  twin.plot(ks, [r['params'] / 1e6 for r in rows], color='gray', ls='--', marker='.')
-  twin.set_ylabel('parameters (M)', color='gray')
-  fig.tight_layout()
+def plot_prefix(rows, path: str, title: str, num_classes: int, frozen: int = 0):
+  fig = prefix_figure(rows, title, num_classes, frozen)
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=120)
   plt.close(fig)
   storage.write_atomic(path, png.getvalue())
+
+
+def prefix_figure(rows, title: str, num_classes: int, frozen: int = 0):
+  """Accuracy of the first k branches on a fixed 0-100% axis (chance level at 10% must not
+  look like a trend), with chance, the parameter count, and (expansion) where the old run's
+  frozen branches end."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ks = [r['branches'] for r in rows]
+  lines = ax.plot(ks, [100 * r['accuracy'] for r in rows], marker='o', label='test accuracy')
+  lines += [ax.axhline(100 / num_classes, color='black', ls=':', lw=1,
+                       label=f'chance ({100 / num_classes:.1f}%)')]
+  if frozen:
+    lines += [ax.axvline(frozen + 0.5, color='tab:red', ls='-.', lw=1,
+                         label=f'old run: branches 1-{frozen} (frozen)')]
+  ax.set_ylim(0, 100)
+  ax.set_xlabel('branches used (first k)')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_xticks(ks)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  twin = ax.twinx()
+  lines += twin.plot(ks, [r['params'] / 1e6 for r in rows], color='gray', ls='--', marker='.',
+                     label='parameters (M, right axis)')
+  twin.set_ylim(0, None)
+  twin.set_ylabel('parameters (M)', color='gray')
+  ax.legend(lines, [l.get_label() for l in lines], loc='lower right', fontsize=8)
+  fig.tight_layout()
+  return fig

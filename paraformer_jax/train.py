@@ -231,10 +231,12 @@ class Trainer:
     corrupt = CorruptCount(config.data.max_corrupt_fraction, len(self.train_source))
     eval_every = config.eval_every_steps or plan.steps_per_epoch * plan.passes  # lpa: 2
     label = f'stage {stage + 1}/{plan.num_stages} ' if plan.stagewise else ''
-    logging.info('%straining %s: %d branches trained, %d frozen; steps %d..%d of this stage',
-                 label, config.training.mode, model.num_branches, model.num_frozen_branches,
-                 start, plan.steps_per_stage)
-    tick, tick_step = time.perf_counter(), start
+    offset, total = stage * plan.steps_per_stage, plan.num_stages * plan.steps_per_stage
+    logging.info('%straining %s: %s trained, %d frozen; steps %d..%d of %d', label,
+                 config.training.mode, _count(model.num_branches, 'branch'),
+                 model.num_frozen_branches, offset + start, offset + plan.steps_per_stage,
+                 total)
+    clock = _Clock(start)
     for i in range(start, plan.steps_per_stage):
       batch = next(data)
       corrupt.add(batch['mask'])
@@ -249,14 +251,11 @@ class Trainer:
             f'checkpoint is step {self.ckpts.latest_step()} in {self.ckpts.directory}. Lower '
             f'the learning rate or check the data.')
       done = i + 1
+      clock.tick(done, compiled=lpa_pass)
       if done % config.log_every_steps == 0 or done == plan.steps_per_stage:
-        now = time.perf_counter()
-        ips = (done - tick_step) * config.training.batch_size / (now - tick)
-        eta = (plan.steps_per_stage - done) * (now - tick) / (done - tick_step)
-        logging.info(reporting.progress_line(label, done, plan.steps_per_stage, metrics, ips,
-                                             eta))
-        writer.write(step, {**metrics, 'images_per_s': ips, 'stage': stage})
-        tick, tick_step = now, done
+        ips, eta = clock.rate(done, total - offset, config.training.batch_size)
+        logging.info(reporting.progress_line(label, step, total, metrics, ips, eta))
+        writer.write(step, {**metrics, 'images_per_s': ips or 0.0, 'stage': stage})
         corrupt.check()
       saved = done % eval_every == 0 or done == plan.steps_per_stage
       if saved:
@@ -309,6 +308,30 @@ class Trainer:
     return state
 
 
+def _count(n: int, noun: str) -> str:
+  return f'{n} {noun}' + ('' if n == 1 else 'es' if noun.endswith('ch') else 's')
+
+
+class _Clock:
+  """Images/s and time left, from the steps since the last compile: the first step of each
+  compiled program (lpa has two) is left out, so the first ETA does not count compiling."""
+
+  def __init__(self, start: int):
+    self.since, self.step, self.seen = None, start, set()
+
+  def tick(self, done: int, compiled):
+    if compiled not in self.seen:  # this step ran a program compiled for it
+      self.seen.add(compiled)
+      self.since, self.step = time.perf_counter(), done
+
+  def rate(self, done: int, steps_left_from: int, batch_size: int):
+    """(images/s, seconds to step `steps_left_from`), or (None, None) with nothing timed."""
+    if done == self.step:
+      return None, None
+    per_step = (time.perf_counter() - self.since) / (done - self.step)
+    return batch_size / per_step, (steps_left_from - done) * per_step
+
+
 def report(trainer, stage, state, name, split=None):
   """Test accuracy and parameter count of every prefix: printed, JSON, PNG."""
   d = trainer.config.data
@@ -327,7 +350,9 @@ def report(trainer, stage, state, name, split=None):
     storage.write_atomic(f'{base}.json', json.dumps(
         {'step': int(state.step), 'split': split, 'loss': result['loss'],
          'count': result['count'], 'prefixes': rows}, indent=1))
-    reporting.plot_prefix(rows, f'{base}.png', f'{d.name} {split}, step {int(state.step)}')
+    title = (f'{trainer.workdir.name} ({trainer.config.training.mode}): {d.name} {split}, '
+             f'step {int(state.step)}')
+    reporting.plot_prefix(rows, f'{base}.png', title, d.num_classes, trainer.plan.expand_frozen)
     logging.info('Wrote %s.json and %s.png', base, base)
   return {'rows': rows, **result}
 

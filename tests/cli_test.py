@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from paraformer_jax import input_pipeline
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What libtpu (installed by requirements-test.txt for the TPU compile checks) prints when
@@ -25,6 +27,14 @@ CASES = {
                      "error: Unknown dataset 'sklearn_digitz' (config.data.name). Did you mean "
                      "'sklearn_digits'? Use a TFDS name such as 'cifar10', 'imagenet2012' or "
                      "'sklearn_digits'.", None),
+    'eval of a missing workdir': (['--mode=eval'],
+                                  'error: No checkpoint in {workdir}/checkpoints: train first '
+                                  'with --mode=train, or pass the --workdir of a trained run.',
+                                  None),
+    'expand_from typo': (['--config.expand_from={root}/no_such_run'],
+                         "error: config.expand_from='{root}/no_such_run' holds no checkpoint in "
+                         '{root}/no_such_run/checkpoints; point it at the workdir of a trained '
+                         'run.', None),
     'missing config file': (['--config=configs/nope.py'],
                             'error: --config=configs/nope.py does not load: [Errno 2] No such '
                             "file or directory: 'configs/nope.py'",
@@ -33,18 +43,16 @@ CASES = {
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))  # stays empty: every case stops before reading
-
-
-@pytest.fixture(scope='module')
-def refusals(data_dir, tmp_path_factory):
-  """{case: (completed process, its workdir)}, the processes run two at a time."""
-  root = tmp_path_factory.mktemp('refusals')
+def refusals(tmp_path_factory):
+  """{case: (exit code, stdout, stderr, workdir, root)}, the processes run side by side."""
+  root = str(tmp_path_factory.mktemp('refusals'))
+  data_dir = os.path.join(root, 'tfds')
+  input_pipeline.get_source('sklearn_digits', 'train', data_dir)  # built once, here
   env = dict(os.environ, PARAFORMER_VERBOSE='')
   procs = {}
   for name, (args, _, _) in CASES.items():
-    workdir = str(root / name.replace(' ', '_'))
+    workdir = os.path.join(root, name.replace(' ', '_'))
+    args = [a.format(root=root) for a in args]
     if not any(a.startswith('--config=') for a in args):
       args = ['--config=configs/digits.py', f'--config.data.data_dir={data_dir}', *args]
     cmd = [sys.executable, '-m', 'paraformer_jax.main', f'--workdir={workdir}', *args]
@@ -53,31 +61,45 @@ def refusals(data_dir, tmp_path_factory):
   done = {}
   for name, (proc, workdir) in procs.items():
     out, err = proc.communicate(timeout=300)
-    done[name] = (proc.returncode, out, err, workdir)
+    done[name] = (proc.returncode, out, err, workdir, root)
   return done
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_a_refusal_is_one_message_with_exit_2_and_writes_nothing(refusals, case):
-  code, out, err, workdir = refusals[case]
+  code, out, err, workdir, root = refusals[case]
   _, first, last = CASES[case]
+  first = first.format(workdir=workdir, root=root)
   ours = [l for l in err.strip().splitlines() if not LIBTPU_NOISE.search(l)]
   assert code == 2, err[-3000:]
   assert ours[0] == first, err[-3000:]
   if last:
     assert ours[-1] == last
   assert len(ours) <= 3 and 'Traceback' not in err, err[-3000:]
-  assert not os.path.exists(workdir)
+  assert not os.path.exists(workdir) and not os.path.exists(os.path.join(root, 'no_such_run'))
+  assert sorted(os.listdir(root)) == ['tfds']
 
 
 @pytest.mark.slow
-def test_verbose_keeps_the_traceback(data_dir, tmp_path):
+def test_verbose_keeps_the_traceback(tmp_path):
   cmd = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/digits.py',
-         f'--workdir={tmp_path / "w"}', f'--config.data.data_dir={data_dir}',
+         f'--workdir={tmp_path / "w"}', f'--config.data.data_dir={tmp_path / "tfds"}',
          '--config.model.num_branches=0', '--verbose']
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert 'Traceback' in out.stderr
   assert out.stderr.strip().endswith('ValueError: config.model.num_branches=0: use an '
                                      'integer >= 1.')
+
+
+def test_prefix_plot_has_a_fixed_axis_a_legend_and_marks_the_frozen_branches():
+  from paraformer_jax import reporting
+  rows = [{'branches': k, 'params': 1000 * k, 'accuracy': 0.098 + 0.001 * k} for k in (1, 2, 3)]
+  fig = reporting.prefix_figure(rows, 'run (joint): digits test, step 5', 10, frozen=2)
+  ax = fig.axes[0]
+  assert ax.get_ylim() == (0, 100)
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+      'test accuracy', 'chance (10.0%)', 'old run: branches 1-2 (frozen)',
+      'parameters (M, right axis)']
+  assert ax.get_title() == 'run (joint): digits test, step 5'

@@ -116,7 +116,7 @@ def stagewise_runs(data_dir, tmp_path_factory):
   _run(one, data_dir, (1, 2), processes=1, devices_per_process=2, flags=flags)
   with open(os.path.join(two, 'process1.log'), 'w') as log1:
     procs = _start(two, data_dir, (1, 2), 2, 1, flags, logs=[None, log1])
-    lines = preempt_at(procs, 'stage 2/2 step 4/13')
+    lines = preempt_at(procs, 'stage 2/2 step 17/26')
   assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
   outs = _run(two, data_dir, (1, 2), processes=2, devices_per_process=1, flags=flags)
   assert 'Resuming from step' in outs[0] and '(stage 1)' in outs[0]

@@ -182,6 +182,15 @@ def test_a_workdir_of_another_run_is_refused_and_kept(straight_run):
   with pytest.raises(ValueError, match=r'model.num_branches: 4 in the workdir, 8 now'):
     train.evaluate_checkpoint(other, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
+  # A setting that cannot work is refused before anything is written.
+  bad = tiny_config(config.data.data_dir, epochs=1, learning_rate=-1e-3)
+  with pytest.raises(ValueError, match=r'config.training.learning_rate=-0.001: use a number > 0'):
+    train.train_and_evaluate(bad, workdir)
+  # Rerunning the finished run with a setting the checkpoints were not made with reports
+  # again but leaves config.json describing them.
+  changed = tiny_config(config.data.data_dir, epochs=1, learning_rate=0.123)
+  train.train_and_evaluate(changed, workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == before
   # Settings that leave the parameters alone are accepted.
   same = tiny_config(config.data.data_dir, epochs=1)
   same.model.branch_strategy = 'vmap'
