@@ -14,6 +14,11 @@ def get_config():
   # head rows are kept frozen; model.num_branches fresh branches (and new classes' head rows)
   # are trained beside them on this config's data. '': none. See paraformer_jax/expand.py.
   config.expand_from = ''
+  # With expand_from: training examples kept per old class and replayed beside the new
+  # classes' (0: none), and whether to align the new head rows' norms to the old ones' after
+  # training. See paraformer_jax/replay.py.
+  config.replay_per_class = 0
+  config.align_head = False
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'cifar10'  # a TFDS dataset name

@@ -14,7 +14,7 @@ import json
 
 import jax
 
-from paraformer_jax import checkpoint, finetune, input_pipeline, reporting, storage
+from paraformer_jax import checkpoint, finetune, input_pipeline, replay, reporting, storage
 from paraformer_jax.model import merge_frozen
 
 
@@ -48,8 +48,9 @@ def forgetting(trainer, state):
   """Test accuracy on the source run's data and on this run's, before and after expansion:
   printed, and written to forgetting.json."""
   d = trainer.config.data
-  saved = json.loads((storage.path(trainer.config.expand_from) / 'config.json').read_text())
-  old_classes = saved['data'].get('classes', '')  # '' (all) in older workdirs
+  old = replay.old_classes(replay.old_data_config(trainer.config))
+  new = input_pipeline.parse_classes(d.classes) or tuple(range(d.num_classes))
+  spec = input_pipeline.format_classes
   branches, classes = trainer.source
   before_params, _ = finetune.load_pretrained(trainer.config.expand_from, trainer.mesh)
   model = trainer.plan.model(0)
@@ -58,10 +59,10 @@ def forgetting(trainer, state):
             before_params)
   after = merge_frozen(model, state.params)
   rows = []
-  for label, spec in (('old', old_classes), ('new', d.classes)):
-    test = input_pipeline.split_source(d, d.test_split, classes=spec)
+  for label, classes in (('old', old), ('new', new), ('all', set(old) | set(new))):
+    test = input_pipeline.split_source(d, d.test_split, classes=spec(classes))
     accuracy = [trainer.evaluate(m, p, test)['prefix_accuracy'][-1] for m, p in (before, after)]
-    rows.append({'data': label, 'classes': spec or 'all', 'examples': len(test),
+    rows.append({'data': label, 'classes': spec(classes), 'examples': len(test),
                  'before': accuracy[0], 'after': accuracy[1],
                  'change': accuracy[1] - accuracy[0]})
   if jax.process_index() == 0:

@@ -70,6 +70,17 @@ def image_channels(source) -> int:
   return int(shape[-1]) if shape[-1] else images.decode(source[0]['image'], 3).shape[-1]
 
 
+def format_classes(classes) -> str:
+  """The inverse of parse_classes: (0, 1, 2, 4) -> '0-2,4'."""
+  runs, out = sorted(set(int(c) for c in classes)), []
+  for c in runs:
+    if out and out[-1][1] == c - 1:
+      out[-1][1] = c
+    else:
+      out.append([c, c])
+  return ','.join(f'{a}' if a == b else f'{a}-{b}' for a, b in out)
+
+
 def parse_classes(spec: str) -> tuple[int, ...]:
   """config.data.classes: '' (all), '0-4', or '1,3,5' -> the labels kept."""
   classes = []
@@ -83,17 +94,11 @@ def parse_classes(spec: str) -> tuple[int, ...]:
   return tuple(sorted(set(classes)))
 
 
-class ClassSubset:
-  """The examples of `source` whose label is in `classes`, in their original order.
+class Subset:
+  """The examples of `source` at `indices`, in that order."""
 
-  Finding them reads every example's label once (fine for small sets; for ImageNet-sized
-  splits it takes a pass over the data).
-  """
-
-  def __init__(self, source, classes):
-    labels = np.array([int(source[i]['label']) for i in range(len(source))])
-    self.indices = np.flatnonzero(np.isin(labels, classes))
-    self.source = source
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
 
   def __len__(self):
     return len(self.indices)
@@ -106,6 +111,35 @@ class ClassSubset:
     return self.source[int(self.indices[i])]
 
 
+def class_subset(source, classes) -> Subset:
+  """The examples of `source` whose label is in `classes`, in their original order.
+
+  Finding them reads every example's label once (fine for small sets; for ImageNet-sized
+  splits it takes a pass over the data).
+  """
+  labels = np.array([int(source[i]['label']) for i in range(len(source))])
+  return Subset(source, np.flatnonzero(np.isin(labels, classes)))
+
+
+class Concat:
+  """Sources one after the other (the new classes' examples, then replayed old ones)."""
+
+  def __init__(self, *sources):
+    self.sources = sources
+    self.starts = np.cumsum([0] + [len(s) for s in sources])
+
+  def __len__(self):
+    return int(self.starts[-1])
+
+  @property
+  def dataset_info(self):
+    return getattr(self.sources[0], 'dataset_info', None)
+
+  def __getitem__(self, i):
+    k = int(np.searchsorted(self.starts, i, side='right')) - 1
+    return self.sources[k][i - int(self.starts[k])]
+
+
 def split_source(data_config, split: str, classes: str | None = None):
   """get_source for a split of config.data, keeping only the labels in `classes`
   (default: config.data.classes)."""
@@ -116,7 +150,7 @@ def split_source(data_config, split: str, classes: str | None = None):
   if classes and max(classes) >= d.num_classes:
     raise ValueError(f'config.data.classes={spec!r} has labels beyond '
                      f'data.num_classes={d.num_classes}: labels index the head directly.')
-  return ClassSubset(source, classes) if classes else source
+  return class_subset(source, classes) if classes else source
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,9 +125,9 @@ def prefix_table(rows, title: str) -> str:
 def forgetting_table(rows, old_branches: int, new_branches: int) -> str:
   lines = [f'Expansion: test accuracy before ({old_branches} branches) and after '
            f'({new_branches} branches, the first {old_branches} frozen)',
-           f'{"data":>5} {"classes":>8} {"examples":>8} {"before":>8} {"after":>8} '
+           f'{"data":>5} {"classes":>10} {"examples":>8} {"before":>8} {"after":>8} '
            f'{"change":>8}']
-  lines += [f'{r["data"]:>5} {r["classes"]:>8} {r["examples"]:>8} {100 * r["before"]:>7.2f}% '
+  lines += [f'{r["data"]:>5} {r["classes"]:>10} {r["examples"]:>8} {100 * r["before"]:>7.2f}% '
             f'{100 * r["after"]:>7.2f}% {100 * r["change"]:>+7.2f}%' for r in rows]
   return '\n'.join(lines)
 

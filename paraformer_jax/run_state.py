@@ -95,7 +95,7 @@ def init_params(model, rng, image_shape):
 
 # Every random stream of a run derives from one root key, PRNGKey(config.seed), by fold_in
 # with its own id (never seed + k: seed s + 1 must not replay a stream of seed s).
-STREAMS = {'init': 0, 'dropout': 1, 'data': 2}
+STREAMS = {'init': 0, 'dropout': 1, 'data': 2, 'replay': 3}
 
 
 def rng_stream(seed: int, name: str, *indices: int) -> jax.Array:
@@ -106,9 +106,14 @@ def rng_stream(seed: int, name: str, *indices: int) -> jax.Array:
   return key
 
 
+def stream_seed(seed: int, name: str, *indices: int) -> int:
+  """An integer seed (for numpy and grain) from stream `name`."""
+  return int(jax.random.bits(rng_stream(seed, name, *indices), dtype=jnp.uint32) >> 1)
+
+
 def data_seed(seed: int, stage: int) -> int:
   """The integer seed of a stage's data order and augmentation (input_pipeline)."""
-  return int(jax.random.bits(rng_stream(seed, 'data', stage), dtype=jnp.uint32) >> 1)
+  return stream_seed(seed, 'data', stage)
 
 
 def state_fn(plan, tx, stage, params_fn, step):

@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from paraformer_jax import (checkpoint, expand, input_pipeline, optim, reporting, run_state,
-                            sharding, steps, storage)
+from paraformer_jax import (checkpoint, expand, input_pipeline, optim, replay, reporting,
+                            run_state, sharding, steps, storage)
 from paraformer_jax.preemption import Interrupted, Preemption
 from paraformer_jax.model import first_branches, merge_frozen, param_count
 from paraformer_jax.run_state import StagePlan, StateMaker, build_model
@@ -44,6 +44,9 @@ def check_config(config, mesh):
     if config.init_from:
       raise ValueError('config.init_from with stagewise training is not supported yet; '
                        'fine-tune with joint, lpa or lpa_fused.')
+  if (config.replay_per_class or config.align_head) and not config.expand_from:
+    raise ValueError('config.replay_per_class and config.align_head apply to expansion: set '
+                     'config.expand_from too, or leave them at 0 / False.')
   if config.expand_from and (t.mode not in ('joint', 'lpa_fused') or config.init_from):
     raise ValueError(f'config.expand_from trains the new branches with mode joint or '
                      f'lpa_fused (not {t.mode!r}) and without config.init_from.')
@@ -77,6 +80,7 @@ RANGES = (
     ('log_every_steps', lambda v: v >= 1, 'an integer >= 1'),
     ('keep_checkpoints', lambda v: v >= 1, 'an integer >= 1'),
     ('workers', lambda v: v >= 0, '0 (no worker processes) or more'),
+    ('replay_per_class', lambda v: v >= 0, '0 (no replay) or more'),
 )
 
 
@@ -125,8 +129,11 @@ class Trainer:
     self.workdir = storage.path(workdir)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch)
     check_config(config, self.mesh)
+    # Expansion: (branches, classes) of the run whose model is kept inside this one.
+    self.source = (expand.source_layout(config.expand_from, config.data.num_classes)
+                   if config.expand_from else (0, 0))
     d = config.data
-    self.train_source = input_pipeline.split_source(d, d.train_split)
+    self.train_source, self.replay = self._training_examples()
     self.val_source = input_pipeline.split_source(d, d.val_split)
     self.channels = input_pipeline.image_channels(self.train_source)
     self.shard = sharding.data_shard(self.mesh)
@@ -134,9 +141,6 @@ class Trainer:
     if spe < 1:
       raise ValueError(f'The training split has {len(self.train_source)} examples, fewer than '
                        f'one batch of {config.training.batch_size}; lower the batch size.')
-    # Expansion: (branches, classes) of the run whose model is kept inside this one.
-    self.source = (expand.source_layout(config.expand_from, config.data.num_classes)
-                   if config.expand_from else (0, 0))
     self.plan = StagePlan(config, spe, *self.source)
     self.tx = optim.make_tx(config.training, self.plan.steps_per_stage,
                             self.plan.warmup_steps)
@@ -148,6 +152,19 @@ class Trainer:
     # uint8 host batches -> the model's input, on device (input_pipeline.finish).
     self._finish = jax.jit(functools.partial(input_pipeline.finish, mean=d.mean, std=d.std,
                                              num_classes=d.num_classes))
+
+  def _training_examples(self):
+    """(source, replay record): the split's examples of data.classes, and in an expansion
+    with replay the old classes' exemplars after them (replay.py)."""
+    config, d = self.config, self.config.data
+    source = input_pipeline.split_source(d, d.train_split)
+    if config.expand_from:
+      replay.check_disjoint(config, replay.old_data_config(config))
+    if not config.replay_per_class:
+      return source, None
+    replayed, record = replay.memory(config, self.workdir,
+                                     run_state.stream_seed(config.seed, 'replay'))
+    return input_pipeline.Concat(source, replayed), record
 
   def _open_checkpoints(self, create: bool):
     self.ckpts = checkpoint.Checkpoints(self.workdir / 'checkpoints',
@@ -161,6 +178,8 @@ class Trainer:
     has checked every setting and input without writing anything)."""
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._open_checkpoints(create=True)
+    if self.replay and jax.process_index() == 0:
+      replay.keep(self.replay, self.workdir)
 
   def device_batch(self, batch):
     """This process's host batch -> the global batch the steps take, on device."""
@@ -251,6 +270,8 @@ class Trainer:
             f'checkpoint is step {self.ckpts.latest_step()} in {self.ckpts.directory}. Lower '
             f'the learning rate or check the data.')
       done = i + 1
+      if done == plan.steps_per_stage and config.align_head:
+        state = state.replace(params=jax.jit(replay.align_head)(state.params))
       clock.tick(done, compiled=lpa_pass)
       if done % config.log_every_steps == 0 or done == plan.steps_per_stage:
         ips, eta = clock.rate(done, total - offset, config.training.batch_size)
@@ -363,7 +384,7 @@ RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'm
                 'model.num_branches', 'model.branch_depth', 'model.block_style', 'model.pool',
                 'data.name', 'data.num_classes', 'data.image_size', 'training.mode',
                 'training.batch_size', 'training.branches_per_stage', 'training.schedule',
-                'data.classes', 'expand_from')
+                'data.classes', 'expand_from', 'replay_per_class')
 
 
 def check_workdir(config, workdir: str):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from train_test import tiny_config, trees_equal
 
-from paraformer_jax import compress, finetune, input_pipeline, run_state, train
+from paraformer_jax import compress, finetune, input_pipeline, replay, run_state, train
 from paraformer_jax.model import first_branches, merge_frozen
 
 
@@ -65,13 +65,14 @@ def test_expansion_trains_on_the_new_classes_and_reports_forgetting(runs):
   got = [int(trainer.train_source[i]['label']) for i in range(len(trainer.train_source))]
   assert got == want
   rows = json.load(open(os.path.join(grown_dir, 'forgetting.json')))
-  assert [r['data'] for r in rows] == ['old', 'new'] and rows == results['forgetting']
+  assert [r['data'] for r in rows] == ['old', 'new', 'all'] and rows == results['forgetting']
+  assert [r['classes'] for r in rows] == ['0-4', '5-9', '0-9']
   # 'before' on the old classes is the source run's own test accuracy at the same checkpoint.
   step = train.Trainer(source, source_dir).ckpts.best_step()
   own = train.evaluate_checkpoint(source, source_dir, step)['prefix_accuracy'][-1]
   assert rows[0]['before'] == pytest.approx(own)
   assert rows[1]['before'] == 0.0  # the old head has no rows for 5-9
-  assert rows[0]['examples'] + rows[1]['examples'] == 360  # the whole test split
+  assert rows[0]['examples'] + rows[1]['examples'] == rows[2]['examples'] == 360  # all of test
 
 
 @pytest.mark.slow
@@ -88,7 +89,76 @@ def test_compressed_expansion_run_evaluates_like_the_merged_model(runs, tmp_path
 
 def test_classes_spec():
   assert input_pipeline.parse_classes('0-4') == (0, 1, 2, 3, 4)
+  assert input_pipeline.format_classes((7, 0, 1, 2, 4, 5)) == '0-2,4-5,7'
+  assert input_pipeline.parse_classes(input_pipeline.format_classes((9, 3, 1))) == (1, 3, 9)
   assert input_pipeline.parse_classes('7, 1-2,1') == (1, 2, 7)
   assert input_pipeline.parse_classes('') == ()
   with pytest.raises(ValueError, match="labels like '0-4'"):
     input_pipeline.parse_classes('zero-four')
+
+
+def _replaying(runs, tmp_path, classes='5-9', **settings):
+  """A Trainer (nothing written) of the expansion with replay settings."""
+  config = ml_collections.ConfigDict(runs[2].to_dict())
+  config.update(settings)
+  config.data.classes = classes
+  return train.Trainer(config, str(tmp_path / 'replaying'), create=False)
+
+
+@pytest.mark.slow
+def test_replay_keeps_exactly_the_budget_of_each_old_class_from_its_training_split(runs,
+                                                                                   tmp_path):
+  trainer = _replaying(runs, tmp_path, replay_per_class=7)
+  raw = input_pipeline.get_source('sklearn_digits', 'train', trainer.config.data.data_dir)
+  labels = np.array([int(raw[i]['label']) for i in range(len(raw))])
+  indices = trainer.replay['indices']
+  assert len(set(indices)) == len(indices) == 35
+  assert sorted(np.bincount(labels[indices], minlength=10).tolist()) == [0] * 5 + [7] * 5
+  assert set(labels[indices]) == {0, 1, 2, 3, 4}
+  # The training examples: every 5-9 example of the split, then the 35 replayed ones.
+  new = [i for i in range(len(raw)) if labels[i] >= 5]
+  got = [int(trainer.train_source[i]['label']) for i in range(len(trainer.train_source))]
+  assert got == labels[new].tolist() + labels[indices].tolist()
+  assert not os.path.exists(tmp_path / 'replaying')  # drawn, not yet written
+
+
+@pytest.mark.slow
+def test_replay_budget_beyond_a_class_and_overlapping_classes_are_refused(runs, tmp_path):
+  raw = input_pipeline.get_source('sklearn_digits', 'train', runs[2].data.data_dir)
+  zeros = sum(int(raw[i]['label']) == 0 for i in range(len(raw)))
+  with pytest.raises(ValueError, match=rf'replay_per_class=1000 is more than the {zeros} '
+                                       r'training examples of old class 0'):
+    _replaying(runs, tmp_path, replay_per_class=1000)
+  with pytest.raises(ValueError, match=r"classes='3-9' overlaps the classes of .* 3,4\. "):
+    _replaying(runs, tmp_path, classes='3-9')
+
+
+def test_weight_aligning_gives_the_new_rows_the_old_rows_mean_norm():
+  rng = np.random.default_rng(0)
+  old = {'kernel': rng.normal(size=(6, 5)), 'bias': rng.normal(size=5)}
+  new = {'kernel': 3 * rng.normal(size=(6, 4)), 'bias': rng.normal(size=4)}
+  params = {'frozen_head': {'out': old}, 'head': {'out': new}, 'branches': 1}
+  got = replay.align_head(params)
+  norms = lambda k: np.sqrt((np.asarray(k) ** 2).sum(0))
+  gamma = norms(old['kernel']).mean() / norms(new['kernel']).mean()
+  np.testing.assert_allclose(norms(got['head']['out']['kernel']).mean(),
+                             norms(old['kernel']).mean(), rtol=1e-6)
+  np.testing.assert_allclose(got['head']['out']['bias'], gamma * new['bias'], rtol=1e-6)
+  assert got['frozen_head'] is params['frozen_head'] and got['branches'] == 1
+
+
+@pytest.mark.slow
+def test_an_expansion_with_replay_and_alignment_trains_keeps_its_memory_and_aligns(runs,
+                                                                                   tmp_path):
+  _, source_dir, grown, _, _ = runs
+  config = ml_collections.ConfigDict(grown.to_dict())
+  config.replay_per_class, config.align_head = 7, True
+  workdir = str(tmp_path / 'replayed')
+  results = train.train_and_evaluate(config, workdir)
+  trainer = train.Trainer(config, workdir)
+  assert json.load(open(os.path.join(workdir, 'replay.json'))) == trainer.replay
+  params = jax.device_get(trainer.restore(trainer.ckpts.latest_step())[0].params)
+  norms = lambda k: np.sqrt((np.asarray(k) ** 2).sum(0)).mean()
+  np.testing.assert_allclose(norms(params['head']['out']['kernel']),
+                             norms(params['frozen_head']['out']['kernel']), rtol=1e-5)
+  assert [r['data'] for r in results['forgetting']] == ['old', 'new', 'all']
