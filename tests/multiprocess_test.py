@@ -101,7 +101,10 @@ def test_forward_over_two_processes_equals_one_process(kind, branches, depth):
 # Branch surgery with the branch axis spanning two processes (one device each): stagewise
 # extension across a stage boundary (preempted in stage 2 and resumed), fine-tuning from
 # that run and expanding it end where one process ends.
-STAGEWISE = {'training.mode': 'stagewise', 'training.branches_per_stage': 2}
+# On the digits 0-4 (621 training images, 15 steps of 40 per stage), so that expand_from can
+# add 5-9 (expansion adds classes).
+STAGEWISE = {'training.mode': 'stagewise', 'training.branches_per_stage': 2,
+             'data.classes': '0-4', 'data.num_classes': 5, 'training.batch_size': 40}
 
 
 def _flags(overrides):
@@ -116,7 +119,7 @@ def stagewise_runs(data_dir, tmp_path_factory):
   _run(one, data_dir, (1, 2), processes=1, devices_per_process=2, flags=flags)
   with open(os.path.join(two, 'process1.log'), 'w') as log1:
     procs = _start(two, data_dir, (1, 2), 2, 1, flags, logs=[None, log1])
-    lines = preempt_at(procs, 'stage 2/2 step 17/26')
+    lines = preempt_at(procs, 'stage 2/2 step 19/30')
   assert any('Preempted: saved step' in line for line in lines), ''.join(lines[-30:])
   outs = _run(two, data_dir, (1, 2), processes=2, devices_per_process=1, flags=flags)
   assert 'Resuming from step' in outs[0] and '(stage 1)' in outs[0]
@@ -138,6 +141,7 @@ def test_init_and_expand_across_processes_equal_one_process(data_dir, stagewise_
   overrides = {source: stagewise_runs[0], 'training.mode': 'joint'}
   if source == 'expand_from':
     overrides['model.num_branches'] = 2  # two new branches beside the four of the source
+    overrides['data.classes'] = '5-9'  # and five new classes
   results = []
   for processes in (1, 2):
     workdir = str(tmp_path / f'p{processes}')

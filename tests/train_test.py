@@ -410,10 +410,14 @@ def test_lpa_pass_clips_the_gradient_and_the_full_pass_does_not(images):
     np.testing.assert_allclose(metrics['grad_norm'], norm, rtol=1e-4)
     moved[lpa_pass] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params,
                                    params)
-  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g / norm, rtol=1e-3,
-                                                       atol=1e-7), moved[True], grads)
-  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g, rtol=1e-3, atol=1e-6),
+  # The moves are differences of f32 parameters: exact to about 1e-7 * |param| (1e-6 here),
+  # far below the factor 1/norm < 0.5 between the clipped and the unclipped step.
+  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g / norm, rtol=1e-2,
+                                                       atol=1e-6), moved[True], grads)
+  jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -lr * g, rtol=1e-2, atol=1e-6),
                moved[False], grads)
+  big = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  assert lr * big * (1 - 1 / norm) > 100 * 1e-6  # the two differ far beyond the tolerance
 
 
 @pytest.mark.slow
