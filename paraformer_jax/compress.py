@@ -129,7 +129,8 @@ def _write(config, trainer, out, params, kept, step, report):
   kept_params = reorder(params, kept)
   state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
       kept_params, sharding.param_shardings(kept_params, writer.mesh)))
-  writer.ckpts.save(step, state, {'stage': 0})
+  kept_val = report['rows'][len(kept) - 1]['val_accuracy']  # of the kept branches, in order
+  writer.ckpts.save(step, state, {'stage': 0}, metrics={'val_accuracy': kept_val})
   writer.ckpts.wait()
 
 

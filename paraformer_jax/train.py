@@ -371,8 +371,9 @@ def report(trainer, stage, state, name, split=None):
     storage.write_atomic(f'{base}.json', json.dumps(
         {'step': int(state.step), 'split': split, 'loss': result['loss'],
          'count': result['count'], 'prefixes': rows}, indent=1))
-    title = (f'{trainer.workdir.name} ({trainer.config.training.mode}): {d.name} {split}, '
-             f'step {int(state.step)}')
+    classes = f' (classes {d.classes})' if d.classes else ''
+    title = (f'{trainer.workdir.name} ({trainer.config.training.mode}): {d.name} {split}'
+             f'{classes}, step {int(state.step)}')
     reporting.plot_prefix(rows, f'{base}.png', title, d.num_classes, trainer.plan.expand_frozen)
     logging.info('Wrote %s.json and %s.png', base, base)
   return {'rows': rows, **result}
