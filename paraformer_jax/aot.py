@@ -18,7 +18,7 @@ import importlib.util
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -166,10 +166,13 @@ def largest_batch(config, capacity: int, channels: int = 3, devices=None, log=pr
 
 def main(argv):
   del argv
+  from paraformer_jax import cli  # imports JAX: only once XLA_FLAGS is set (below)
+  cli.setup_logging()
+  config = cli.config()
   devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None
-  result = compile_train_step(FLAGS.config, FLAGS.channels, devices)
+  result = compile_train_step(config, FLAGS.channels, devices)
   gib = lambda b: f'{b / 2**30:.3f} GiB'
-  print(f'compiled one {FLAGS.config.training.mode} train step (stage {result["stage"]}, '
+  print(f'compiled one {config.training.mode} train step (stage {result["stage"]}, '
         f'global batch {result["batch"]}) for {result["devices"]} x {result["device_kind"]} on '
         f'mesh {result["mesh"]}')
   print(f'per device: arguments {gib(result["argument_bytes"])}, outputs '
@@ -187,7 +190,7 @@ def main(argv):
         f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
   if FLAGS.max_batch:
     print('searching the largest global batch that fits (one compile per line):')
-    batch, best = largest_batch(FLAGS.config, capacity, FLAGS.channels, devices)
+    batch, best = largest_batch(config, capacity, FLAGS.channels, devices)
     bound = MAX_BATCH_PER_DEVICE * best['mesh']['data']
     print(f'largest global batch that fits: {"at least " if batch == bound else ""}{batch} '
           f'(peak {gib(best["peak_bytes"])} per device)' if batch else
@@ -204,4 +207,5 @@ if __name__ == '__main__':
       os.environ['JAX_PLATFORMS'] = 'cpu'
     if arg.startswith('--topology'):
       os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the TPU, run nothing on it
-  app.run(main)
+  from paraformer_jax import cli  # noqa: E402 (JAX starts after the environment is set)
+  cli.run(main)

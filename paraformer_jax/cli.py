@@ -46,9 +46,8 @@ def message(e: BaseException) -> str:
 
 
 def exit_with(e: BaseException):
+  """The message, its fix on the last line (--verbose, in --help, gives the traceback)."""
   print(f'error: {message(e)}', file=sys.stderr, flush=True)
-  if not isinstance(e, UserError):
-    print('(run again with --verbose for the traceback)', file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
 
 

@@ -22,7 +22,7 @@ CASES = {
                    'did you mean --config.model.num_branches?', None),
     'negative learning rate': (['--config.training.learning_rate=-1e-3'],
                                'error: config.training.learning_rate=-0.001: use a number > 0.',
-                               '(run again with --verbose for the traceback)'),
+                               None),
     'dataset typo': (['--config.data.name=sklearn_digitz'],
                      "error: Unknown dataset 'sklearn_digitz' (config.data.name). Did you mean "
                      "'sklearn_digits'? Use a TFDS name such as 'cifar10', 'imagenet2012' or "
@@ -103,3 +103,19 @@ def test_prefix_plot_has_a_fixed_axis_a_legend_and_marks_the_frozen_branches():
       'test accuracy', 'chance (10.0%)', 'old run: branches 1-2 (frozen)',
       'parameters (M, right axis)']
   assert ax.get_title() == 'run (joint): digits test, step 5'
+
+
+@pytest.mark.slow
+def test_the_corrected_command_works_in_the_workdir_of_a_refused_one(tmp_path):
+  base = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
+          f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}',
+          '--config.training.epochs=1']
+  refused = subprocess.run(base + ['--config.model.num_branches=0'], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2 and not os.path.exists(tmp_path / 'run')
+  fixed = subprocess.run(base + ['--config.model.num_branches=2'], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert fixed.returncode == 0, fixed.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'run')) == [
+      'checkpoints', 'config.json', 'final_prefix_accuracy.json', 'final_prefix_accuracy.png',
+      'metrics.jsonl', 'tensorboard']

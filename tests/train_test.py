@@ -510,6 +510,13 @@ def test_ctrl_c_saves_the_current_step_and_the_same_command_resumes(data_dir, tm
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'Resuming from step {step} (stage 0)' in out.stderr
   assert json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))['step'] == 52
+  # Bit-identical to the same command never interrupted.
+  straight = str(tmp_path / 'straight')
+  subprocess.run([a.replace(workdir, straight) for a in cmd], cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  got, want = (restore_latest(config, w) for w in (workdir, straight))
+  assert int(got.step) == int(want.step) == 52
+  assert trees_equal(got.params, want.params) and trees_equal(got.opt_state, want.opt_state)
 
 
 # Runs the straight_run configuration in a child process, after `patch` (Python source) has
