@@ -119,3 +119,16 @@ def test_the_corrected_command_works_in_the_workdir_of_a_refused_one(tmp_path):
   assert sorted(os.listdir(tmp_path / 'run')) == [
       'checkpoints', 'config.json', 'final_prefix_accuracy.json', 'final_prefix_accuracy.png',
       'metrics.jsonl', 'tensorboard']
+
+
+def test_the_readme_documents_the_commands_its_figures_come_from():
+  """docs/readme_examples.py regenerates the README's figures by running these commands:
+  they must be the ones the README shows, and every marked block must be one it writes."""
+  sys.path.insert(0, os.path.join(REPO, 'docs'))
+  import readme_examples
+  readme = open(os.path.join(REPO, 'README.md')).read()
+  assert readme_examples.missing_commands(readme) == []
+  names = [m.group(2) for m in readme_examples.BLOCK.finditer(readme)]
+  assert sorted(names) == ['compress', 'digits', 'expansion']
+  marked = readme_examples.rewrite(readme, {n: f'<{n}>' for n in names})
+  assert all(f'<{n}>' in marked for n in names) and 'final (step' not in marked
