@@ -132,3 +132,36 @@ def test_the_readme_documents_the_commands_its_figures_come_from():
   assert sorted(names) == ['compress', 'digits', 'expansion']
   marked = readme_examples.rewrite(readme, {n: f'<{n}>' for n in names})
   assert all(f'<{n}>' in marked for n in names) and 'final (step' not in marked
+
+
+def test_first_ctrl_c_asks_to_save_and_the_second_stops_at_once():
+  import signal
+  from paraformer_jax.preemption import Preemption
+  before = signal.getsignal(signal.SIGINT)
+  with Preemption() as preemption:
+    assert preemption.requested() == 0
+    os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: no exception
+    assert preemption.requested() == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # give the handler a bytecode boundary to run at
+        pass
+  assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
+
+
+def test_progress_rate_leaves_out_the_steps_that_compiled(monkeypatch):
+  from paraformer_jax import train
+  now = [0.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
+  clock = train._Clock(start=0)
+  now[0] = 50.0  # step 1 compiled the LPA pass program: 50 s
+  clock.tick(1, compiled=True)
+  assert clock.rate(1, 100, 10) == (None, None)  # nothing timed yet
+  now[0] = 52.0  # steps 2..3 at 1 s each
+  clock.tick(3, compiled=True)
+  now[0] = 62.0  # step 4 compiled the full pass program (10 s)
+  clock.tick(4, compiled=False)
+  now[0] = 64.0  # steps 5..6 at 1 s each
+  clock.tick(6, compiled=False)
+  ips, eta = clock.rate(6, 100, 10)
+  assert ips == pytest.approx(10.0) and eta == pytest.approx(94.0)
