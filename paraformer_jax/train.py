@@ -88,8 +88,8 @@ def check_ranges(config):
   for field, ok, accepts in RANGES:
     value = config
     for part in field.split('.'):
-      value = value[part]
-    if not ok(value):
+      value = value.get(part) if value is not None else None
+    if value is not None and not ok(value):
       raise ValueError(f'config.{field}={value!r}: use {accepts}.')
 
 
