@@ -21,15 +21,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool('verbose', False, 'Print the full traceback of an error (for bug reports); '
                   'also PARAFORMER_VERBOSE=1.')
 
-# What bad settings and missing inputs raise, in our code and in the libraries we call with
-# them. Anything else (a bug) keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError, KeyError, AttributeError, TypeError)
 EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
   """A refusal whose message is complete (raised by the flag parser)."""
+
+
+# What bad settings and missing inputs raise, in our code and in the libraries we call with
+# them (a missing file or bucket, a full disk: OSError). Anything else, KeyError or
+# AttributeError included, is taken for a bug and keeps its traceback.
+USER_ERRORS = (UserError, ValueError, OSError)
 
 
 def verbose() -> bool:
@@ -118,7 +120,7 @@ def run(main):
       print('interrupted: stopped at once, without saving; the same command resumes from the '
             'last checkpoint.', file=sys.stderr, flush=True)
       sys.exit(128 + signal.SIGINT)
-    except (UserError, OSError) + USER_ERRORS as e:
+    except USER_ERRORS as e:
       if verbose():
         raise
       exit_with(e)
