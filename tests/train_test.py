@@ -651,9 +651,11 @@ def _independent_greedy(trainer, model, params):
   feats, labels, masks = (jnp.concatenate(x, axis=-2 if x is feats else 0)
                           for x in (feats, labels, masks))
 
+  head = jax.jit(lambda pooled: model.apply({'params': params}, pooled,
+                                            method=ParaFormer.logits))
+
   def correct(subset):
-    logits = model.apply({'params': params}, feats[jnp.asarray(subset)].sum(0),
-                         method=ParaFormer.logits)
+    logits = head(feats[jnp.asarray(subset)].sum(0))
     return int(((jnp.argmax(logits, -1) == labels) * masks).sum())
   order, remaining = [], list(range(model.num_branches))
   while remaining:
