@@ -31,9 +31,10 @@ def source_layout(workdir: str, num_classes: int) -> tuple[int, int]:
   count = lambda stack: next((s[0] for k, s in shapes.items() if k.startswith(stack)), 0)
   classes = count("['head']['out']['bias']") + count("['frozen_head']['out']['bias']")
   if num_classes <= classes:
-    raise ValueError(f'config.data.num_classes={num_classes}, but config.expand_from={workdir!r} '
-                     f'already has {classes} classes; expansion adds classes: set '
-                     f'config.data.num_classes above {classes} (and data.classes to the new ones).')
+    raise ValueError(f'config.data.num_classes={num_classes}, but config.expand_from='
+                     f'{workdir!r} already has {classes} classes; expansion adds classes: set '
+                     f'config.data.num_classes above {classes} (and data.classes to the new '
+                     f'ones).')
   return count("['branches']") + count("['frozen_branches']"), classes
 
 
@@ -59,10 +60,10 @@ def forgetting(trainer, state):
             before_params)
   after = merge_frozen(model, state.params)
   rows = []
-  for label, classes in (('old', old), ('new', new), ('all', set(old) | set(new))):
-    test = input_pipeline.split_source(d, d.test_split, classes=spec(classes))
+  for label, labels in (('old', old), ('new', new), ('all', set(old) | set(new))):
+    test = input_pipeline.split_source(d, d.test_split, classes=spec(labels))
     accuracy = [trainer.evaluate(m, p, test)['prefix_accuracy'][-1] for m, p in (before, after)]
-    rows.append({'data': label, 'classes': spec(classes), 'examples': len(test),
+    rows.append({'data': label, 'classes': spec(labels), 'examples': len(test),
                  'before': accuracy[0], 'after': accuracy[1],
                  'change': accuracy[1] - accuracy[0]})
   if jax.process_index() == 0:
