@@ -117,8 +117,12 @@ def class_subset(source, classes) -> Subset:
   Finding them reads every example's label once (fine for small sets; for ImageNet-sized
   splits it takes a pass over the data).
   """
-  labels = np.array([int(source[i]['label']) for i in range(len(source))])
-  return Subset(source, np.flatnonzero(np.isin(labels, classes)))
+  return Subset(source, np.flatnonzero(np.isin(labels_of(source), classes)))
+
+
+def labels_of(source) -> np.ndarray:
+  """Every example's label, in order (reads each example once)."""
+  return np.array([int(source[i]['label']) for i in range(len(source))])
 
 
 class Concat:

@@ -55,7 +55,7 @@ def check_disjoint(config, old_data):
 def draw(old_source, classes, per_class: int, seed: int) -> list[int]:
   """`per_class` indices of `old_source` (its full split) for each class, without
   replacement, seeded; refused if a class has fewer examples."""
-  labels = np.array([int(old_source[i]['label']) for i in range(len(old_source))])
+  labels = input_pipeline.labels_of(old_source)
   rng = np.random.default_rng(seed)
   chosen = []
   for c in classes:
@@ -67,13 +67,12 @@ def draw(old_source, classes, per_class: int, seed: int) -> list[int]:
   return chosen
 
 
-def memory(config, workdir, seed: int):
+def memory(config, old_data, workdir, seed: int):
   """The exemplar memory of an expansion run: (source of the replayed examples, record).
 
   Drawn on the first start (and kept by `keep`); later starts read workdir/replay.json, so
-  a resumed run replays the same examples.
+  a resumed run replays the same examples. `old_data`: old_data_config(config).
   """
-  old_data = old_data_config(config)
   old_source = input_pipeline.get_source(old_data.name, old_data.train_split, old_data.data_dir)
   path = storage.path(workdir) / 'replay.json'
   if path.exists():

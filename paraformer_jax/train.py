@@ -158,11 +158,13 @@ class Trainer:
     with replay the old classes' exemplars after them (replay.py)."""
     config, d = self.config, self.config.data
     source = input_pipeline.split_source(d, d.train_split)
-    if config.expand_from:
-      replay.check_disjoint(config, replay.old_data_config(config))
+    if not config.expand_from:
+      return source, None
+    old_data = replay.old_data_config(config)
+    replay.check_disjoint(config, old_data)
     if not config.replay_per_class:
       return source, None
-    replayed, record = replay.memory(config, self.workdir,
+    replayed, record = replay.memory(config, old_data, self.workdir,
                                      run_state.stream_seed(config.seed, 'replay'))
     return input_pipeline.Concat(source, replayed), record
 
