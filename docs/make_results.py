@@ -10,6 +10,7 @@ picks up where it stopped, and --parts regenerates some tables without the other
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -18,10 +19,12 @@ import sys
 import time
 
 import matplotlib
+import numpy as np
 import scipy.stats
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -31,9 +34,7 @@ from paraformer_jax import input_pipeline, train  # noqa: E402
 from paraformer_jax.model import merge_frozen  # noqa: E402
 
 BRANCHES = (1, 2, 4, 8)
-MODES = ('joint', 'lpa', 'lpa_fused', 'stagewise')
-MODE_EPOCHS = 8  # stagewise: one epoch per branch, so every mode sees 8 epochs of data
-PARTS = ('scaling', 'expansion', 'modes', 'parallel')
+PARTS = ('scaling', 'compute', 'expansion', 'parallel')
 
 
 def run(out, name, seed, make_config, **overrides):
@@ -57,6 +58,9 @@ def run(out, name, seed, make_config, **overrides):
       json.dump(time.perf_counter() - start, f)
   result = json.load(open(report))
   result['seconds'] = json.load(open(timing))
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  result['train_seconds'] = sum(m['train_seconds'] for m in metrics if 'train_seconds' in m)
+  result['val_accuracy'] = [m['val_accuracy'] for m in metrics if 'val_accuracy' in m][-1]
   forgetting = os.path.join(workdir, 'forgetting.json')
   if os.path.exists(forgetting):
     result['forgetting'] = json.load(open(forgetting))
@@ -84,6 +88,21 @@ def cell_ci(values):
   return f'{m:.2f} ± {s:.2f} [{m - half:.2f}, {m + half:.2f}]'
 
 
+def welch(a, b, name_b: str) -> str:
+  """mean(a) - mean(b) in points, its 95% interval and Welch's t-test (fractions in)."""
+  a, b = 100 * np.asarray(a), 100 * np.asarray(b)
+  diff = a.mean() - b.mean()
+  if len(a) < 2 or len(b) < 2:
+    return f'{diff:+.2f} (one seed: no test)'
+  test = scipy.stats.ttest_ind(a, b, equal_var=False)
+  if not np.isfinite(test.pvalue):  # both without spread
+    return f'{diff:+.2f}, no spread: {"tie" if diff == 0 else "untestable"}'
+  ci = test.confidence_interval()
+  verdict = ('tie' if test.pvalue >= 0.05 else
+             f'{"ahead of" if diff > 0 else "behind"} {name_b}')
+  return f'{diff:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}], p = {test.pvalue:.3f}: {verdict}'
+
+
 def full_accuracy(result):
   return result['prefixes'][-1]['accuracy']
 
@@ -98,55 +117,110 @@ def scaling(args, seeds):
          for L in BRANCHES}
   acc = lambda results: mean_std([full_accuracy(r) for r in results])
   params = lambda results: results[0]['prefixes'][-1]['params']
+  epochs = args.epochs_override.get('training.epochs', digits.get_config().training.epochs)
   lines = ['## Accuracy against the number of branches, and the sequential baseline', '',
-           f'`configs/digits.py` (`lpa_fused`, '
-           f'{args.epochs_override.get("training.epochs", digits.get_config().training.epochs)} '
-           f'epochs, 8x8 images), {len(seeds)} seeds; test accuracy (%) of the full model, '
-           'mean ± standard deviation over seeds. ParaFormer Lx1 (L branches of 1 block) and '
-           'the sequential 1xL (1 branch of L blocks) have the same parameters.', '',
-           '| L | parameters | ParaFormer Lx1 | sequential 1xL |', '|---|---|---|---|']
+           f'`configs/digits.py` (`lpa_fused`, {epochs} epochs, 8x8 images), {len(seeds)} '
+           'seeds; test accuracy (%) of the full model, mean ± std [95% t-interval of the '
+           'mean]. ParaFormer Lx1 (L branches of 1 block) and the sequential 1xL (1 branch of L '
+           'blocks) have the same parameters. Last column: ParaFormer minus sequential, in '
+           'points, its 95% interval and Welch\'s t-test ("tie" when p >= 0.05).', '',
+           '| L | parameters | ParaFormer Lx1 | sequential 1xL | difference |',
+           '|---|---|---|---|---|']
   for L in BRANCHES:
-    lines.append(f'| {L} | {params(runs[L]):,} | {cell([full_accuracy(r) for r in runs[L]])} '
-                 f'| {cell([full_accuracy(r) for r in seq[L]])} |')
+    ours, theirs = ([full_accuracy(r) for r in group[L]] for group in (runs, seq))
+    versus = 'the same model' if L == 1 else welch(ours, theirs, f'1x{L}')
+    lines.append(f'| {L} | {params(runs[L]):,} | {cell_ci(ours)} | {cell_ci(theirs)} '
+                 f'| {versus} |')
   means = [acc(runs[L])[0] for L in BRANCHES]
-  rises = all(a < b for a, b in zip(means, means[1:]))
-  gap = {L: (acc(runs[L])[0] - acc(seq[L])[0], acc(runs[L])[1] + acc(seq[L])[1])
-         for L in BRANCHES[1:]}  # L = 1 is the same model twice
-  listed = lambda keep: ', '.join(str(L) for L, (d, s) in gap.items() if keep(d, s)) or 'none'
-  lines += ['', f'- Does accuracy rise with branches? Means for L = 1, 2, 4, 8: '
-                f'{", ".join(f"{m:.2f}" for m in means)}: '
-                f'{"yes, at every step" if rises else "not at every step"}.',
-            f'- ParaFormer against the sequential model of the same size (a gap counts when it '
-            f'exceeds the two standard deviations added together): ahead at L = '
-            f'{listed(lambda d, s: d > s)}; behind at L = {listed(lambda d, s: -d > s)}; '
-            f'within the spread at L = {listed(lambda d, s: abs(d) <= s)}.', '']
+  rises = [welch([full_accuracy(r) for r in runs[b]], [full_accuracy(r) for r in runs[a]],
+                 f'{a}x1') for a, b in zip(BRANCHES, BRANCHES[1:])]
+  lines += ['', f'- Does accuracy rise with branches? Means for L = '
+                f'{", ".join(map(str, BRANCHES))}: {", ".join(f"{m:.2f}" for m in means)}. '
+                'Each step against the one before: ' + '; '.join(
+                    f'{b}x1 {r}' for b, r in zip(BRANCHES[1:], rises)) + '.', '']
+  lines += compression(runs, seq, acc, params)
+  plot_scaling(args, runs, seq, [[r['prefixes'][k]['accuracy'] for r in runs[8]]
+                                 for k in range(8)])
+  return lines
 
-  # Compression: every prefix k of the 8x1 runs, from the same single pass.
+
+def compression(runs, seq, acc, params):
+  """Every prefix k of the 8x1 runs (one training), the k-branch model trained from scratch
+  with the same budget, and the sequential model of equal accuracy."""
   per_k = [[r['prefixes'][k]['accuracy'] for r in runs[8]] for k in range(8)]
   full_params = params(runs[8])
-  lines += ['## Compression: the first k branches of the 8x1 model', '',
-            'The same 8x1 runs, evaluated with their first k branches only (no retraining). '
-            'Last column: the smallest sequential model above whose mean accuracy is at least '
-            'that of the k branches, and how many times more parameters it has.', '',
-            '| k | parameters | ratio to 8 | test accuracy | sequential of equal accuracy |',
-            '|---|---|---|---|---|']
-  for k, accs in enumerate(per_k):
-    k_params = runs[8][0]['prefixes'][k]['params']
+  lines = ['## Compression: the first k branches of the 8x1 model', '',
+           'The same 8x1 runs, evaluated with their first k branches only (no retraining); '
+           'the k-branch model trained from scratch with the same budget (the kx1 runs above: '
+           'same epochs, same updates), and the difference, prefix minus scratch (Welch). Last '
+           'column: the smallest sequential model above whose mean accuracy is at least that '
+           'of the k branches, and how many times more parameters it has.', '',
+           '| k | parameters | ratio to 8 | first k of 8x1 | kx1 from scratch | prefix - scratch '
+           '| sequential of equal accuracy |', '|---|---|---|---|---|---|---|']
+  matched = {}  # k: the sequential model's parameters over the k branches'
+  for k, accs in enumerate(per_k, start=1):
+    k_params = runs[8][0]['prefixes'][k - 1]['params']
     match = next((L for L in BRANCHES if acc(seq[L])[0] >= mean_std(accs)[0]), None)
+    if match is not None:
+      matched[k] = params(seq[match]) / k_params
     versus = ('none of 1x1-1x8 reaches it' if match is None else
-              f'1x{match}: {params(seq[match]) / k_params:.2f}x')
-    lines.append(f'| {k + 1} | {k_params:,} | {full_params / k_params:.2f}x | {cell(accs)} '
-                 f'| {versus} |')
+              f'1x{match}: {matched[k]:.2f}x')
+    scratch = [full_accuracy(r) for r in runs[k]] if k in runs else None
+    lines.append(f'| {k} | {k_params:,} | {full_params / k_params:.2f}x | {cell_ci(accs)} | '
+                 f'{cell_ci(scratch) if scratch else "-"} | '
+                 f'{welch(accs, scratch, "scratch") if scratch and k < 8 else "-"} | {versus} |')
   full = mean_std(per_k[-1])[0]
   smallest = next(k for k in range(8) if mean_std(per_k[k])[0] >= full - 1.0) + 1
+  ratio = lambda L, M: paper_params(L, M) / paper_params(1, M)
+  needed = {M: next(L for L in range(1, 100) if ratio(L, M) >= 15.07) for M in (1, 2)}
   lines += ['', f'Smallest k within 1 point of the full model (mean): k = {smallest}, '
                 f'{full_params / runs[8][0]["prefixes"][smallest - 1]["params"]:.2f}x fewer '
-                f'parameters. The paper reports up to 15.07x on its datasets; here the first '
-                f'branch alone ({full_params / runs[8][0]["prefixes"][0]["params"]:.2f}x fewer '
-                f'parameters) is {full - mean_std(per_k[0])[0]:.1f} '
-                f'points below the full model.', '']
-  plot_scaling(args, runs, seq, per_k)
+                f'parameters; the first branch alone ({full_params / per_k_params(runs, 1):.2f}x '
+                f'fewer) is {full - mean_std(per_k[0])[0]:.1f} points below the full model.', '',
+            'How a ratio like the paper\'s 15.07x could be counted:',
+            f'- *Parameters of the full model over those of the first k branches* (this table): '
+            f'at most L/1 minus the shared embedding and head. For the paper\'s CIFAR model '
+            f'(`configs/cifar10.py`, 224 px, patch 16, D=192) the full-over-one-branch ratio '
+            f'is {ratio(8, 2):.2f}x for 8x2 and reaches 15.07x only from {needed[2]} branches '
+            f'of 2 blocks ({ratio(needed[2], 2):.2f}x) or {needed[1]} of 1 block '
+            f'({ratio(needed[1], 1):.2f}x); our 8x1 gives at most '
+            f'{full_params / per_k_params(runs, 1):.2f}x, and then loses '
+            f'{full - mean_std(per_k[0])[0]:.1f} points.',
+            '- *Parameters of the sequential model of equal accuracy over those of the k '
+            'branches* (last column): a large ratio needs a sequential model much larger '
+            'than k branches and only as accurate. Here the largest is '
+            + (f'{max(matched.values()):.2f}x' if matched else 'undefined') + '; '
+            + (f'no sequential model up to 1x8 reaches the first k = '
+               f'{", ".join(str(k) for k in range(1, 9) if k not in matched)} branches, so '
+               'there the data give no finite ratio.' if len(matched) < 8 else
+               'every prefix has a sequential match.'),
+            '- Against a model *trained from scratch* at the same size, compression buys '
+            'nothing in parameters (same size), only the training: the prefix - scratch '
+            'column says whether the first k branches of one progressive training are as good '
+            'as k branches trained for themselves.',
+            f'So a 15x parameter ratio needs about {needed[2]}-{needed[1]} branches and a task '
+            'that one branch nearly solves; our digits data support a ratio of '
+            f'{full_params / runs[8][0]["prefixes"][smallest - 1]["params"]:.2f}x within one '
+            'point, not 15x.', '']
   return lines
+
+
+def per_k_params(runs, k):
+  return runs[8][0]['prefixes'][k - 1]['params']
+
+
+@functools.lru_cache(maxsize=None)
+def paper_params(num_branches: int, depth: int) -> int:
+  """Parameters of configs/cifar10.py's model (224 px) with L branches of `depth` blocks."""
+  from configs import cifar10
+  from paraformer_jax.model import param_count
+  from paraformer_jax.run_state import build_model
+  config = cifar10.get_config()
+  config.model.num_branches, config.model.branch_depth = num_branches, depth
+  model = build_model(config)
+  shapes = jax.eval_shape(model.init, {'params': jax.random.key(0)},
+                          jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32))
+  return param_count(shapes['params'])
 
 
 def plot_scaling(args, runs, seq, per_k):
@@ -170,40 +244,191 @@ def plot_scaling(args, runs, seq, per_k):
   plt.close(fig)
 
 
-def modes(args, seeds):
-  epochs = args.epochs_override.get('training.epochs', MODE_EPOCHS)
-  runs = {}
-  for mode in MODES:
-    stage = {'training.epochs': max(epochs // 8, 1),
-             'training.branches_per_stage': 1} if mode == 'stagewise' else {}
-    runs[mode] = [run(args.out, f'mode_{mode}_{epochs}ep', s, digits.get_config,
-                      **{'training.mode': mode, 'training.epochs': epochs, **stage})
-                  for s in seeds]
-  lines = ['## Training modes at equal epochs', '',
-           f'ParaFormer 8x1 on digits, {epochs} epochs of data for every mode (`stagewise`: '
-           f'{max(epochs // 8, 1)} per branch, one branch per stage; `lpa`: each epoch is an '
-           f'LPA pass and a full pass, as in the authors\' schedule), {len(seeds)} seeds. Wall '
-           'time includes compilation and evaluation.', '',
-           '| mode | test accuracy | wall time (s) |', '|---|---|---|']
-  for mode, results in runs.items():
-    lines.append(f'| {mode} | {cell([full_accuracy(r) for r in results])} | '
-                 f'{statistics.mean(r["seconds"] for r in results):.0f} |')
-  lines += ['', 'Equal epochs are not equal work: for each minibatch, `lpa` makes 8 prefix updates in '
-            'its LPA pass and 1 more in its full pass (9 optimizer updates and two passes over '
-            'the data, against 1 update for `joint` and `lpa_fused`), so compare '
-            'it with the others by wall time as well. `stagewise` trains each branch for one '
-            'epoch only, and its wall time is mostly the compilation of 8 stages.', '']
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ms = [mean_std([full_accuracy(r) for r in runs[m]]) for m in MODES]
-  ax.bar(MODES, [m for m, _ in ms], yerr=[s for _, s in ms], capsize=3)
-  for i, m in enumerate(MODES):
-    ax.text(i, 2, f'{statistics.mean(r["seconds"] for r in runs[m]):.0f} s', ha='center',
-            color='white')
-  ax.set(ylabel='test accuracy (%)', title=f'Training modes, {epochs} epochs')
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.docs, 'results_modes.png'), dpi=120)
-  plt.close(fig)
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)  # the grid every contender is tuned on
+BUDGETS = (342, 684, 1368)  # optimizer updates; the grid is searched at the middle one
+STEPS_PER_EPOCH = 19  # 1,257 training digits in minibatches of 64 (the remainder dropped)
+CONTENDERS = ('joint', 'lpa', 'lpa_fused', 'stagewise', 'sequential 1x8')
+# Cheaper updates (lpa's prefix updates, stagewise's one trained branch): these two get one
+# more budget, twice the largest, so that their seconds reach joint's.
+CHEAP_UPDATES = ('lpa', 'stagewise')
+
+
+def budgets_of(name: str, budgets: tuple) -> tuple:
+  return budgets + (2 * budgets[-1],) if name in CHEAP_UPDATES else budgets
+
+
+def contender(name: str, budget: int) -> tuple[dict, int]:
+  """(config overrides, optimizer updates) for `name` trained with `budget` updates.
+
+  Updates counted: `lpa` makes 8 prefix updates per minibatch in its LPA pass and 1 in its
+  full pass, so one of its epochs (both passes) is 9 x 19 updates; `stagewise` trains 8 stages
+  of one branch, `training.epochs` each (rounded down: 304 and 608 updates for the first two
+  budgets); the others make one update per minibatch. The sequential model of equal
+  parameters (one branch of 8 blocks) trains `joint`."""
+  per_epoch = {'lpa': 9, 'stagewise': 8}.get(name, 1) * STEPS_PER_EPOCH
+  epochs = budget // per_epoch
+  overrides = {'training.mode': name, 'training.epochs': epochs}
+  if name == 'stagewise':
+    overrides['training.branches_per_stage'] = 1
+  if name.startswith('sequential'):
+    overrides.update({'training.mode': 'joint', 'model.num_branches': 1,
+                      'model.branch_depth': 8})
+  return overrides, epochs * per_epoch
+
+
+def compute(args, seeds):
+  """Every mode and the sequential baseline at equal optimizer updates and equal seconds,
+  each with the learning rate that its validation accuracy picks from one grid."""
+  def trained(name, budget, lr):
+    overrides, _ = contender(name, budget)
+    slug = name.replace(' ', '_')
+    return [run(args.out, f'cmp_{slug}_{budget}_lr{lr:g}', s, digits.get_config,
+                **overrides, **{'training.learning_rate': lr}) for s in seeds]
+  budgets = args.budgets
+  middle = budgets[1]
+  grid = {(c, lr): trained(c, middle, lr) for c in CONTENDERS for lr in LEARNING_RATES}
+  val = lambda results: statistics.mean(r['val_accuracy'] for r in results)
+  best = {c: max(LEARNING_RATES, key=lambda lr: val(grid[c, lr])) for c in CONTENDERS}
+  runs = {(c, b): grid[c, best[c]] if b == middle else trained(c, b, best[c])
+          for c in CONTENDERS for b in budgets_of(c, budgets)}
+
+  lines = ['## Training modes at equal compute', '',
+           f'ParaFormer 8x1 on digits in each training mode, and the sequential model of '
+           f'equal parameters (1x8, `joint`), each trained to a budget of optimizer updates '
+           f'({", ".join(map(str, budgets))}; see `contender` in `docs/make_results.py` for '
+           f'how each mode\'s updates are counted), {len(seeds)} seeds. Every contender\'s '
+           f'learning rate is the one of {", ".join(f"{lr:g}" for lr in LEARNING_RATES)} '
+           f'(constant schedule, Adam) with the best mean validation accuracy at {middle} '
+           f'updates; {" and ".join(f"`{c}`" for c in CHEAP_UPDATES)}, whose updates cost '
+           'less, also train to twice the largest budget, for the equal-seconds comparison. '
+           'Training seconds: the steps alone, without compilation and evaluation '
+           '(`train_seconds` in each run\'s metrics.jsonl; steps that compiled counted at the '
+           'mean of the others).', '',
+           f'Validation accuracy (%) at {middle} updates, mean of {len(seeds)} seeds; the '
+           'chosen rate in bold:', '',
+           '| contender | ' + ' | '.join(f'lr {lr:g}' for lr in LEARNING_RATES) + ' |',
+           '|---|' + '---|' * len(LEARNING_RATES)]
+  for c in CONTENDERS:
+    marks = [f'**{100 * val(grid[c, lr]):.2f}**' if lr == best[c] else
+             f'{100 * val(grid[c, lr]):.2f}' for lr in LEARNING_RATES]
+    lines.append(f'| {c} | ' + ' | '.join(marks) + ' |')
+  edge = [c for c in CONTENDERS if best[c] in (LEARNING_RATES[0], LEARNING_RATES[-1])]
+  if edge:
+    lines += ['', f'At the edge of the grid (a rate beyond it might do better): '
+                  f'{", ".join(f"`{c}`" for c in edge)}.']
+  lines += equal_updates_table(runs, budgets, len(seeds))
+  lines += equal_seconds_table(runs, budgets)
+  plot_compute(args, runs, budgets)
   return lines
+
+
+def test_accuracies(results):
+  return [full_accuracy(r) for r in results]
+
+
+def equal_updates_table(runs, budgets, num_seeds):
+  lines = ['', f'Test accuracy (%) at equal updates: mean ± std [95% t-interval], '
+               f'{num_seeds} seeds. Last column: the difference from the best contender at '
+               'that budget (in points, with its 95% interval) and Welch\'s t-test; '
+               '"tie" when p >= 0.05.', '',
+           '| budget | contender | updates | training s | test accuracy | against the best |',
+           '|---|---|---|---|---|---|']
+  verdicts = []
+  for b in budgets:
+    top = max(CONTENDERS, key=lambda c: statistics.mean(test_accuracies(runs[c, b])))
+    rows = []
+    for c in CONTENDERS:
+      seconds = statistics.mean(r['train_seconds'] for r in runs[c, b])
+      versus = ('best' if c == top else
+                welch(test_accuracies(runs[c, b]), test_accuracies(runs[top, b]), top))
+      rows.append((c, versus))
+      lines.append(f'| {b} | {c} | {contender(c, b)[1]} | {seconds:.1f} | '
+                   f'{cell_ci(test_accuracies(runs[c, b]))} | {versus} |')
+    verdicts.append(summary(rows, f'{b} updates'))
+  fused = [welch(test_accuracies(runs['lpa_fused', b]), test_accuracies(runs['joint', b]),
+                 'joint') for b in budgets]
+  lines += ['', 'At equal updates:'] + verdicts
+  lines += ['', '`lpa_fused` against `joint` at ' + ', '.join(
+      f'{b} updates: {f}' for b, f in zip(budgets, fused)) + '.']
+  return lines
+
+
+def seconds_curve(results_by_budget):
+  """(mean training seconds per budget, per-seed test accuracies per budget)."""
+  xs = [statistics.mean(r['train_seconds'] for r in rs) for rs in results_by_budget]
+  if xs != sorted(xs):
+    raise RuntimeError(f'Training seconds do not rise with the budget ({xs}): was the '
+                       'machine busy? Delete those runs in --out and run again.')
+  ys = [test_accuracies(rs) for rs in results_by_budget]
+  return xs, ys
+
+
+def inside_range(seconds, xs, slack=0.05):
+  """Whether `seconds` is within the range xs spans, give or take `slack` (timing noise;
+  np.interp holds the end value there)."""
+  return xs[0] * (1 - slack) <= seconds <= xs[-1] * (1 + slack)
+
+
+def summary(rows, label):
+  """One line: the best contender at `label`, those tied with it and those behind."""
+  best = next(c for c, v in rows if v == 'best')
+  tied = [c for c, v in rows if v.endswith('tie')]
+  behind = [c for c, v in rows if 'behind' in v]
+  return (f'- {label}: best `{best}`; tied with it (Welch, p >= 0.05): '
+          f'{", ".join(f"`{c}`" for c in tied) or "none"}; behind it: '
+          f'{", ".join(f"`{c}`" for c in behind) or "none"}.')
+
+
+def equal_seconds_table(runs, budgets):
+  """Each contender's accuracy at the training seconds `joint` took for each budget,
+  interpolated (linearly in log seconds, seed by seed) between the contender's own budgets;
+  none where those seconds lie outside the contender's range."""
+  curves = {c: seconds_curve([runs[c, b] for b in budgets_of(c, budgets)])
+            for c in CONTENDERS}
+  lines = ['', 'Test accuracy (%) at equal training seconds: at the seconds `joint` took for '
+               'each budget, every contender\'s accuracy interpolated between its own budgets '
+               '(linearly in log seconds, seed by seed); "outside" where those seconds lie '
+               'outside the range its budgets took. Last column as above, among the '
+               'contenders inside.', '',
+           '| training s | contender | test accuracy | against the best |', '|---|---|---|---|']
+  verdicts = []
+  for seconds in curves['joint'][0]:
+    inside = {c: [float(np.interp(np.log(seconds), np.log(xs), [y[i] for y in ys]))
+                  for i in range(len(ys[0]))]  # xs rise (seconds_curve checks)
+              for c, (xs, ys) in curves.items() if inside_range(seconds, xs)}
+    top = max(inside, key=lambda c: statistics.mean(inside[c]))
+    rows = []
+    for c, (xs, _) in curves.items():
+      if c not in inside:
+        side = 'its largest budget takes less' if seconds > xs[-1] else 'its smallest takes more'
+        lines.append(f'| {seconds:.1f} | {c} | outside ({xs[0]:.1f}-{xs[-1]:.1f} s: {side}) '
+                     '| - |')
+      else:
+        versus = 'best' if c == top else welch(inside[c], inside[top], top)
+        rows.append((c, versus))
+        lines.append(f'| {seconds:.1f} | {c} | {cell_ci(inside[c])} | {versus} |')
+    verdicts.append(summary(rows, f'{seconds:.1f} training seconds'))
+  return lines + ['', 'At equal training seconds:'] + verdicts
+
+
+def plot_compute(args, runs, budgets):
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for c in CONTENDERS:
+    mine = budgets_of(c, budgets)
+    ms = [mean_std(test_accuracies(runs[c, b])) for b in mine]
+    xs, _ = seconds_curve([runs[c, b] for b in mine])
+    for ax, x in zip(axes, ([contender(c, b)[1] for b in mine], xs)):
+      ax.errorbar(x, [m for m, _ in ms], [s for _, s in ms], marker='o', capsize=3, label=c)
+  axes[0].set(xlabel='optimizer updates', ylabel='test accuracy (%)', xscale='log',
+              title='Equal updates')
+  axes[1].set(xlabel='training seconds (no compile, no eval)', xscale='log',
+              title='Equal wall-clock')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(args.docs, 'results_compute.png'), dpi=120)
+  plt.close(fig)
 
 
 REPLAY_PER_CLASS = 20  # of ~125 training images per digit class
@@ -254,6 +479,11 @@ def expansion(args, seeds):
   for name, accs in table.items():
     lines.append(f'| {name} | ' + ' | '.join(cell_ci(accs[k]) for k in ('old', 'new', 'all'))
                  + ' |')
+  lines += [''] + [f'- {name} against no replay, all digits: '
+                   f'{welch(table[name]["all"], table["no replay"]["all"], "no replay")}; '
+                   f'against joint on 0-9: '
+                   f'{welch(table[name]["all"], table["joint on 0-9"]["all"], "joint")}.'
+                   for name in list(CONTINUAL)[1:]]
   lines += ['', 'The old model is still inside the expanded one, bit for bit (tested), in every '
             'variant; what replay and alignment change is the 10-way decision between the old '
             'rows and the new ones.', '']
@@ -292,22 +522,38 @@ def main():
   parser.add_argument('--docs', default=os.path.dirname(os.path.abspath(__file__)),
                       help='where results.md and its plots go')
   parser.add_argument('--epochs', type=int, default=None,
-                      help='override every run\'s epochs (a quick check of this script)')
+                      help='override the epochs of the scaling and expansion runs (a quick '
+                           'check of this script)')
+  parser.add_argument('--budgets', default=','.join(map(str, BUDGETS)),
+                      help='optimizer updates of the equal-compute runs (three, rising)')
   args = parser.parse_args()
   args.epochs_override = {} if args.epochs is None else {'training.epochs': args.epochs}
   logging.set_verbosity(logging.WARNING)
+  # Runs that differ only in seed compile the same programs: keep them across runs.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(args.out, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  args.budgets = tuple(int(b) for b in args.budgets.split(','))
   seeds = list(range(args.seeds))
+  began = time.perf_counter()
   command = '.venv/bin/python docs/make_results.py ' + ' '.join(
       f'--{k}={v}' for k, v in (('seeds', args.seeds), ('parts', args.parts),
-                                ('epochs', args.epochs)) if v is not None)
+                                ('epochs', args.epochs),
+                                ('budgets', None if args.budgets == BUDGETS else
+                                 ','.join(map(str, args.budgets)))) if v is not None)
   lines = ['# Results on scikit-learn\'s digits', '', 'Regenerated by', '', '```',
            command, '```', '',
            'on the project\'s 2-core CPU machine. 1,257 training, 180 validation and 360 test '
            'images of 8x8 pixels: a small set, so differences of a point or two are within '
-           'the seed-to-seed spread. Plots: `results_scaling.png`, `results_modes.png`.', '']
+           'the seed-to-seed spread. Plots: `results_scaling.png`, `results_compute.png`.', '']
+  machine_line = len(lines) - 2
   for part in args.parts.split(','):
-    lines += {'scaling': scaling, 'modes': modes, 'expansion': expansion,
+    lines += {'scaling': scaling, 'compute': compute, 'expansion': expansion,
               'parallel': parallel}[part](args, seeds)
+  minutes = (time.perf_counter() - began) / 60
+  lines[machine_line] = lines[machine_line].replace(
+      'machine.', f'machine, in {minutes:.0f} minutes (runs already in --out are read, not '
+                  'trained again).', 1)
   path = os.path.join(args.docs, 'results.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))

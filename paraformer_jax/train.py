@@ -259,6 +259,7 @@ class Trainer:
                  total)
     clock = _Clock(start)
     for i in range(start, plan.steps_per_stage):
+      began = time.perf_counter()
       batch = next(data)
       corrupt.add(batch['mask'])
       batch = self.device_batch(batch)
@@ -274,12 +275,14 @@ class Trainer:
       done = i + 1
       if done == plan.steps_per_stage and config.align_head:
         state = state.replace(params=jax.jit(replay.align_head)(state.params))
-      clock.tick(done, compiled=lpa_pass)
+      clock.tick(done, compiled=lpa_pass, seconds=time.perf_counter() - began)
       if done % config.log_every_steps == 0 or done == plan.steps_per_stage:
         ips, eta = clock.rate(done, total - offset, config.training.batch_size)
         logging.info(reporting.progress_line(label, step, total, metrics, ips, eta))
         writer.write(step, {**metrics, 'images_per_s': ips or 0.0, 'stage': stage})
         corrupt.check()
+      if done == plan.steps_per_stage:
+        writer.write(step, {'train_seconds': clock.train_seconds(done - start)})
       saved = done % eval_every == 0 or done == plan.steps_per_stage
       if saved:
         self.validate_and_save(stage, state, writer)
@@ -341,11 +344,21 @@ class _Clock:
 
   def __init__(self, start: int):
     self.since, self.step, self.seen = None, start, set()
+    self.step_seconds, self.timed_steps = 0.0, 0
 
-  def tick(self, done: int, compiled):
+  def tick(self, done: int, compiled, seconds: float = 0.0):
+    """`seconds`: what step `done` took (input, step, metrics), evaluation not included."""
     if compiled not in self.seen:  # this step ran a program compiled for it
       self.seen.add(compiled)
       self.since, self.step = time.perf_counter(), done
+    else:
+      self.step_seconds += seconds
+      self.timed_steps += 1
+
+  def train_seconds(self, steps: int) -> float:
+    """Seconds `steps` steps take without compiling or evaluating: the steps that compiled
+    are counted at the mean of the others (docs/make_results.py compares modes by it)."""
+    return self.step_seconds / max(self.timed_steps, 1) * steps
 
   def rate(self, done: int, steps_left_from: int, batch_size: int):
     """(images/s, seconds to step `steps_left_from`), or (None, None) with nothing timed."""

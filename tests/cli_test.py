@@ -165,3 +165,13 @@ def test_progress_rate_leaves_out_the_steps_that_compiled(monkeypatch):
   clock.tick(6, compiled=False)
   ips, eta = clock.rate(6, 100, 10)
   assert ips == pytest.approx(10.0) and eta == pytest.approx(94.0)
+
+
+def test_train_seconds_count_the_compiling_steps_at_the_mean_of_the_others():
+  from paraformer_jax import train
+  clock = train._Clock(start=0)
+  # lpa: step 1 compiles the LPA pass (50 s), step 3 the full pass (10 s); others 1 or 3 s.
+  for done, compiled, seconds in ((1, True, 50.0), (2, True, 1.0), (3, False, 10.0),
+                                  (4, False, 3.0)):
+    clock.tick(done, compiled=compiled, seconds=seconds)
+  assert clock.train_seconds(4) == pytest.approx(4 * (1.0 + 3.0) / 2)
