@@ -166,19 +166,36 @@ class Dropout(nn.Module):
 DROPOUT_LEVELS = 2 ** 16  # dropout rates are quantized to 1/65536
 
 
+def _mix32(x):
+  """A bijective 32-bit integer hash (Wellons' "lowbias32": each output bit flips with
+  probability within 0.17% of 1/2 when one input bit does)."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
 def keep_mask(key, rows, rate: float, shape):
   """(mask [rows, *shape], keep probability): row r's mask from fold_in(key, r).
 
-  Each element compares a 16-bit draw with round(rate x 65536), two draws per 32-bit word of
-  threefry: a third of the time of jax.random.bernoulli's one 32-bit uniform per element on a
-  CPU (3.3x in a microbenchmark of a [64, 65, 768] mask). The rate is quantized to 1/65536 (0.1 -> 0.100006);
-  dividing by the exact keep probability keeps the expectation unchanged.
+  Row r's key (threefry's fold_in, one per row) seeds a counter-based hash: word i of the
+  row is mix(mix(i ^ k0) ^ k1) for the key's two words k0, k1, and each word gives two
+  16-bit draws, compared with round(rate x 65536). Threefry for every word (20 rounds per
+  pair of words) made dropout 11% of the paper's 8x2 training step on a CPU; the two
+  rounds of mixing cost a fraction of that (docs/benchmarks.md). Rows, branches, layers
+  and steps keep independent masks: each has its own threefry-derived key. The rate is
+  quantized to 1/65536 (0.1 -> 0.100006); dividing by the exact keep probability keeps the
+  expectation unchanged.
   """
   threshold = round(rate * DROPOUT_LEVELS)
   n = math.prod(shape)
+  counter = jnp.arange(-(-n // 2), dtype=jnp.uint32)
 
   def row_mask(row):
-    words = jax.random.bits(jax.random.fold_in(key, row), (-(-n // 2),), jnp.uint32)
+    k = jax.random.fold_in(key, row)
+    if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
+      k = jax.random.key_data(k)
+    k = k.reshape(-1)
+    words = _mix32(_mix32(counter ^ k[0]) ^ k[1])
     draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n]
     return draws.reshape(shape) >= threshold
 

@@ -121,6 +121,11 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
 
   def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
     trained, frozen = split_params(params, frozen_keys)
+    if isinstance(num_present, int):
+      # A static prefix: gradients, Adam and the write-back for branches 1..n only (the
+      # others would get zero gradients and be masked out: the same result, more work).
+      return _update_prefix(trained, frozen, opt_state, batch, rng, loss_fn, clip, step,
+                            num_present)
     (loss, logits), grads = jax.value_and_grad(
         lambda t: loss_fn({**frozen, **t}, batch, rng), has_aux=True)(trained)
     if clip:
@@ -131,6 +136,17 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     acc = accuracy(logits, batch['label'], batch.get('mask'))
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}
+
+  def _update_prefix(trained, frozen, opt_state, batch, rng, loss_fn, clip, step, n):
+    head = lambda tree: jax.tree.map(lambda a: a[:n], tree)
+    sliced = {**trained, 'branches': head(trained['branches'])}
+    sliced_state = {**opt_state, 'branches': head(opt_state['branches'])}
+    new, new_state, metrics = update({**frozen, **sliced}, sliced_state, batch, rng, loss_fn,
+                                     clip, step)
+    write = lambda full, part: jax.tree.map(lambda f, p: f.at[:n].set(p), full, part)
+    new['branches'] = write(trained['branches'], new['branches'])
+    new_state = {**new_state, 'branches': write(opt_state['branches'], new_state['branches'])}
+    return new, new_state, metrics
 
   def step(state, batch, lpa_pass=False):
     rng = jax.random.fold_in(state.rng, state.step)

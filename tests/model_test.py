@@ -388,8 +388,26 @@ def _count_primitive(jaxpr, name):
   return count
 
 
+def test_dropout_mask_bits_are_balanced_and_uncorrelated():
+  """At rate 1/2 every mask element is one draw's top bit: over 64 rows of 4,001 elements
+  (an odd count: the last word's second draw is cut) the bits are balanced, and neither
+  neighbours in a row (lag 1: the two draws of one word; lag 2: adjacent words), nor rows
+  next to each other, nor the same row under two keys agree more than chance."""
+  key, rows = jax.random.key(0), jnp.arange(64)
+  bits = np.asarray(model_lib.keep_mask(key, rows, 0.5, (4001,))[0], np.float64)
+  centred = 2 * bits - 1  # +-1: the mean of a product is a correlation
+  bound = lambda n: 4 / np.sqrt(n)  # 4 standard deviations of a mean of n independent +-1
+  assert abs(centred.mean()) < bound(centred.size)
+  for lag in (1, 2, 3):
+    assert abs((centred[:, lag:] * centred[:, :-lag]).mean()) < bound(centred[:, lag:].size)
+  assert abs((centred[1:] * centred[:-1]).mean()) < bound(centred[1:].size)
+  other = 2 * np.asarray(model_lib.keep_mask(jax.random.key(1), rows, 0.5, (4001,))[0],
+                         np.float64) - 1
+  assert abs((centred * other).mean()) < bound(centred.size)
+
+
 def test_frozen_branches_run_without_dropout(images):
-  """2 frozen + 2 trained branches draw exactly the random bits of the 2 trained branches
+  """2 frozen + 2 trained branches derive exactly the mask keys of the 2 trained branches
   alone (the embedding's and theirs): none for the frozen ones."""
   def bits_drawn(frozen):
     model = ParaFormer(num_branches=2, num_frozen_branches=frozen, branch_depth=1,
@@ -397,5 +415,5 @@ def test_frozen_branches_run_without_dropout(images):
     params = model.init(jax.random.key(0), images[:1])['params']
     fn = lambda p, k: model.apply({'params': p}, images, True, rngs={'dropout': k})
     return _count_primitive(jax.make_jaxpr(fn)(params, jax.random.key(1)).jaxpr,
-                            'random_bits')
+                            'random_fold_in')
   assert bits_drawn(0) > 0 and bits_drawn(2) == bits_drawn(0)
