@@ -413,7 +413,7 @@ def equal_seconds_table(runs, budgets):
         rows.append((c, versus))
         lines.append(f'| {seconds:.1f} | {c} | {cell_ci(inside[c])} | {versus} |')
     verdicts.append(summary(rows, f'{seconds:.1f} training seconds'))
-  return lines + ['', 'At equal training seconds:'] + verdicts
+  return lines + ['', 'At equal training seconds:'] + verdicts + ['']
 
 
 def plot_compute(args, runs, budgets):
