@@ -112,6 +112,11 @@ def full_accuracy(result):
   return result['prefixes'][-1]['accuracy']
 
 
+def full_accuracies(results):
+  """The full model's test accuracy of each run (seed)."""
+  return [full_accuracy(r) for r in results]
+
+
 def scaling(args, seeds):
   """Accuracy against the number of branches (M=1), and sequential baselines of equal size."""
   trained = lambda name, **kw: [run(args.out, name, s, digits.get_config,
@@ -120,7 +125,7 @@ def scaling(args, seeds):
   # 1 branch of L blocks: the same parameter count as L branches of 1 block.
   seq = {L: trained(f'sequential_1x{L}', **{'model.num_branches': 1, 'model.branch_depth': L})
          for L in BRANCHES}
-  acc = lambda results: mean_std([full_accuracy(r) for r in results])
+  acc = lambda results: mean_std(full_accuracies(results))
   params = lambda results: results[0]['prefixes'][-1]['params']
   epochs = args.epochs_override.get('training.epochs', digits.get_config().training.epochs)
   lines = ['## Accuracy against the number of branches, and the sequential baseline', '',
@@ -132,12 +137,12 @@ def scaling(args, seeds):
            '| L | parameters | ParaFormer Lx1 | sequential 1xL | difference |',
            '|---|---|---|---|---|']
   for L in BRANCHES:
-    ours, theirs = ([full_accuracy(r) for r in group[L]] for group in (runs, seq))
+    ours, theirs = (full_accuracies(group[L]) for group in (runs, seq))
     versus = 'the same model' if L == 1 else welch(ours, theirs, f'1x{L}')
     lines.append(f'| {L} | {params(runs[L]):,} | {cell_ci(ours)} | {cell_ci(theirs)} '
                  f'| {versus} |')
   means = [acc(runs[L])[0] for L in BRANCHES]
-  rises = [welch([full_accuracy(r) for r in runs[b]], [full_accuracy(r) for r in runs[a]],
+  rises = [welch(full_accuracies(runs[b]), full_accuracies(runs[a]),
                  f'{a}x1') for a, b in zip(BRANCHES, BRANCHES[1:])]
   lines += ['', f'- Does accuracy rise with branches? Means for L = '
                 f'{", ".join(map(str, BRANCHES))}: {", ".join(f"{m:.2f}" for m in means)}. '
@@ -170,7 +175,7 @@ def compression(runs, seq, acc, params):
       matched[k] = params(seq[match]) / k_params
     versus = ('none of 1x1-1x8 reaches it' if match is None else
               f'1x{match}: {matched[k]:.2f}x')
-    scratch = [full_accuracy(r) for r in runs[k]] if k in runs else None
+    scratch = full_accuracies(runs[k]) if k in runs else None
     lines.append(f'| {k} | {k_params:,} | {full_params / k_params:.2f}x | {cell_ci(accs)} | '
                  f'{cell_ci(scratch) if scratch else "-"} | '
                  f'{welch(accs, scratch, "scratch") if scratch and k < 8 else "-"} | {versus} |')
@@ -231,7 +236,7 @@ def paper_params(num_branches: int, depth: int) -> int:
 def plot_scaling(args, runs, seq, per_k):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for label, group in (('ParaFormer Lx1', runs), ('sequential 1xL', seq)):
-    ms = [mean_std([full_accuracy(r) for r in group[L]]) for L in BRANCHES]
+    ms = [mean_std(full_accuracies(group[L])) for L in BRANCHES]
     axes[0].errorbar(BRANCHES, [m for m, _ in ms], [s for _, s in ms], marker='o', capsize=3,
                      label=label)
   axes[0].set(xlabel='L (branches, or blocks of the sequential model)',
@@ -327,10 +332,6 @@ def compute(args, seeds):
   return lines
 
 
-def test_accuracies(results):
-  return [full_accuracy(r) for r in results]
-
-
 def equal_updates_table(runs, budgets, num_seeds):
   lines = ['', f'Test accuracy (%) at equal updates: mean ± std [95% t-interval], '
                f'{num_seeds} seeds. Last column: the difference from the best contender at '
@@ -340,17 +341,17 @@ def equal_updates_table(runs, budgets, num_seeds):
            '|---|---|---|---|---|---|']
   verdicts = []
   for b in budgets:
-    top = max(CONTENDERS, key=lambda c: statistics.mean(test_accuracies(runs[c, b])))
+    top = max(CONTENDERS, key=lambda c: statistics.mean(full_accuracies(runs[c, b])))
     rows = []
     for c in CONTENDERS:
       seconds = statistics.mean(r['train_seconds'] for r in runs[c, b])
       versus = ('best' if c == top else
-                welch(test_accuracies(runs[c, b]), test_accuracies(runs[top, b]), top))
+                welch(full_accuracies(runs[c, b]), full_accuracies(runs[top, b]), top))
       rows.append((c, versus))
       lines.append(f'| {b} | {c} | {contender(c, b)[1]} | {seconds:.1f} | '
-                   f'{cell_ci(test_accuracies(runs[c, b]))} | {versus} |')
+                   f'{cell_ci(full_accuracies(runs[c, b]))} | {versus} |')
     verdicts.append(summary(rows, f'{b} updates'))
-  fused = [welch(test_accuracies(runs['lpa_fused', b]), test_accuracies(runs['joint', b]),
+  fused = [welch(full_accuracies(runs['lpa_fused', b]), full_accuracies(runs['joint', b]),
                  'joint') for b in budgets]
   lines += ['', 'At equal updates:'] + verdicts
   lines += ['', '`lpa_fused` against `joint` at ' + ', '.join(
@@ -364,7 +365,7 @@ def seconds_curve(results_by_budget):
   if xs != sorted(xs):
     raise RuntimeError(f'Training seconds do not rise with the budget ({xs}): was the '
                        'machine busy? Delete those runs in --out and run again.')
-  ys = [test_accuracies(rs) for rs in results_by_budget]
+  ys = [full_accuracies(rs) for rs in results_by_budget]
   return xs, ys
 
 
@@ -420,7 +421,7 @@ def plot_compute(args, runs, budgets):
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for c in CONTENDERS:
     mine = budgets_of(c, budgets)
-    ms = [mean_std(test_accuracies(runs[c, b])) for b in mine]
+    ms = [mean_std(full_accuracies(runs[c, b])) for b in mine]
     xs, _ = seconds_curve([runs[c, b] for b in mine])
     for ax, x in zip(axes, ([contender(c, b)[1] for b in mine], xs)):
       ax.errorbar(x, [m for m, _ in ms], [s for _, s in ms], marker='o', capsize=3, label=c)
