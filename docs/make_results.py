@@ -10,13 +10,16 @@ picks up where it stopped, and --parts regenerates some tables without the other
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -37,27 +40,93 @@ BRANCHES = (1, 2, 4, 8)
 PARTS = ('scaling', 'compute', 'expansion', 'parallel')
 
 
+class Spec(NamedTuple):
+  """One training run: its name, seed, config function and overrides (a workdir in --out)."""
+  name: str
+  seed: int
+  make_config: Callable[[], ml_collections.ConfigDict]
+  overrides: dict
+
+  def workdir(self, out: str) -> str:
+    return os.path.join(out, f'{self.name}_seed{self.seed}')
+
+
+def spec(name, seed, make_config, **overrides) -> Spec:
+  return Spec(name, seed, make_config, overrides)
+
+
+def train_run(out: str, run_spec: Spec) -> None:
+  """Trains one run into its workdir and records the wall time it took."""
+  config = run_spec.make_config()
+  config.seed = run_spec.seed
+  for key, value in run_spec.overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  print(f'training {run_spec.name} seed {run_spec.seed}', flush=True)
+  start = time.perf_counter()
+  train.train_and_evaluate(config, run_spec.workdir(out))
+  with open(os.path.join(run_spec.workdir(out), 'wall_seconds.json'), 'w') as f:
+    json.dump(time.perf_counter() - start, f)
+
+
+def pending(out: str, specs) -> list[Spec]:
+  """The runs of `specs` not yet in --out, seed by seed: the first seed of every config
+  compiles its programs, and the later seeds, run after it, read them from the cache."""
+  unique = {s.workdir(out): s for s in specs}.values()
+  todo = [s for s in unique
+          if not os.path.exists(os.path.join(s.workdir(out), 'wall_seconds.json'))]
+  return sorted(todo, key=lambda s: s.seed)
+
+
+def _pin_worker(cores, cache_dir):
+  """A pool process: one core of its own (XLA sizes its thread pool from the affinity)."""
+  os.sched_setaffinity(0, {cores.get()})
+  _quiet_and_cached(cache_dir)
+
+
+def _quiet_and_cached(cache_dir):
+  logging.set_verbosity(logging.WARNING)
+  # Runs that differ only in seed compile the same programs: keep them across runs.
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def train_all(args, specs) -> None:
+  """Trains the pending runs of `specs`, `--jobs` at a time, each process on its own core."""
+  todo = pending(args.out, specs)
+  TRAINED_NOW[0] += len(todo)
+  if not todo:
+    return
+  if args.jobs == 1:
+    for run_spec in todo:
+      train_run(args.out, run_spec)
+    return
+  context = multiprocessing.get_context('spawn')  # no forked JAX runtime
+  cores = context.Queue()
+  for core in sorted(os.sched_getaffinity(0))[:args.jobs]:
+    cores.put(core)
+  with concurrent.futures.ProcessPoolExecutor(
+      args.jobs, mp_context=context, initializer=_pin_worker,
+      initargs=(cores, os.path.join(args.out, 'jax_cache'))) as pool:
+    list(pool.map(functools.partial(train_run, args.out), todo))
+
+
 def run(out, name, seed, make_config, **overrides):
-  """Trains (unless done before) and returns the run's final report plus its wall time."""
-  workdir = os.path.join(out, f'{name}_seed{seed}')
-  report = os.path.join(workdir, 'final_prefix_accuracy.json')
-  timing = os.path.join(workdir, 'wall_seconds.json')
-  if not os.path.exists(timing):
-    config = make_config()
-    config.seed = seed
-    for key, value in overrides.items():
-      node = config
-      *path, leaf = key.split('.')
-      for part in path:
-        node = node[part]
-      node[leaf] = value
-    print(f'training {name} seed {seed}', flush=True)
-    start = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
-    with open(timing, 'w') as f:
-      json.dump(time.perf_counter() - start, f)
-  result = json.load(open(report))
-  result['seconds'] = json.load(open(timing))
+  """A run's final report plus its wall time, training it first if --out lacks it."""
+  return result(out, spec(name, seed, make_config, **overrides))
+
+
+def result(out: str, run_spec: Spec) -> dict:
+  """`run` of a Spec."""
+  workdir = run_spec.workdir(out)
+  if pending(out, [run_spec]):
+    train_run(out, run_spec)
+  result = json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))
+  result['seconds'] = json.load(open(os.path.join(workdir, 'wall_seconds.json')))
   WALL_SECONDS[workdir] = result['seconds']
   metrics = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   result['train_seconds'] = sum(m['train_seconds'] for m in metrics if 'train_seconds' in m)
@@ -70,6 +139,7 @@ def run(out, name, seed, make_config, **overrides):
 
 
 WALL_SECONDS = {}  # workdir: seconds its training took, whether trained now or read back
+TRAINED_NOW = [0]  # runs this invocation trained
 
 
 def mean_std(values):
@@ -119,12 +189,18 @@ def full_accuracies(results):
 
 def scaling(args, seeds):
   """Accuracy against the number of branches (M=1), and sequential baselines of equal size."""
-  trained = lambda name, **kw: [run(args.out, name, s, digits.get_config,
-                                    **{**kw, **args.epochs_override}) for s in seeds]
-  runs = {L: trained(f'paraformer_{L}x1', **{'model.num_branches': L}) for L in BRANCHES}
-  # 1 branch of L blocks: the same parameter count as L branches of 1 block.
-  seq = {L: trained(f'sequential_1x{L}', **{'model.num_branches': 1, 'model.branch_depth': L})
-         for L in BRANCHES}
+  groups = {**{('paraformer', L): (f'paraformer_{L}x1', {'model.num_branches': L})
+                for L in BRANCHES},
+            # 1 branch of L blocks: the same parameter count as L branches of 1 block.
+            **{('sequential', L): (f'sequential_1x{L}',
+                                   {'model.num_branches': 1, 'model.branch_depth': L})
+               for L in BRANCHES}}
+  specs = {key: [spec(name, s, digits.get_config, **overrides, **args.epochs_override)
+                 for s in seeds] for key, (name, overrides) in groups.items()}
+  train_all(args, [one for group in specs.values() for one in group])
+  read = lambda key: [result(args.out, one) for one in specs[key]]
+  runs = {L: read(('paraformer', L)) for L in BRANCHES}
+  seq = {L: read(('sequential', L)) for L in BRANCHES}
   acc = lambda results: mean_std(full_accuracies(results))
   params = lambda results: results[0]['prefixes'][-1]['params']
   epochs = args.epochs_override.get('training.epochs', digits.get_config().training.epochs)
@@ -255,6 +331,7 @@ def plot_scaling(args, runs, seq, per_k):
 
 
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)  # the grid every contender is tuned on
+TUNING_SEEDS = 3  # the grid's runs: the first 3 seeds (the chosen rate then runs all of them)
 BUDGETS = (342, 684, 1368)  # optimizer updates; the grid is searched at the middle one
 STEPS_PER_EPOCH = 19  # 1,257 training digits in minibatches of 64 (the remainder dropped)
 CONTENDERS = ('joint', 'lpa', 'lpa_fused', 'stagewise', 'sequential 1x8')
@@ -289,18 +366,21 @@ def contender(name: str, budget: int) -> tuple[dict, int]:
 def compute(args, seeds):
   """Every mode and the sequential baseline at equal optimizer updates and equal seconds,
   each with the learning rate that its validation accuracy picks from one grid."""
-  def trained(name, budget, lr):
+  def specs(name, budget, lr, seeds):
     overrides, _ = contender(name, budget)
-    slug = name.replace(' ', '_')
-    return [run(args.out, f'cmp_{slug}_{budget}_lr{lr:g}', s, digits.get_config,
-                **overrides, **{'training.learning_rate': lr}) for s in seeds]
+    return [spec(f'cmp_{name.replace(" ", "_")}_{budget}_lr{lr:g}', s, digits.get_config,
+                 **overrides, **{'training.learning_rate': lr}) for s in seeds]
   budgets = args.budgets
   middle = budgets[1]
-  grid = {(c, lr): trained(c, middle, lr) for c in CONTENDERS for lr in LEARNING_RATES}
-  val = lambda results: statistics.mean(r['val_accuracy'] for r in results)
-  best = {c: max(LEARNING_RATES, key=lambda lr: val(grid[c, lr])) for c in CONTENDERS}
-  runs = {(c, b): grid[c, best[c]] if b == middle else trained(c, b, best[c])
-          for c in CONTENDERS for b in budgets_of(c, budgets)}
+  tuning = seeds[:TUNING_SEEDS]
+  grid = {(c, lr): specs(c, middle, lr, tuning) for c in CONTENDERS for lr in LEARNING_RATES}
+  train_all(args, sum(grid.values(), []))
+  val = lambda key: statistics.mean(result(args.out, one)['val_accuracy'] for one in grid[key])
+  best = {c: max(LEARNING_RATES, key=lambda lr: val((c, lr))) for c in CONTENDERS}
+  chosen = {(c, b): specs(c, b, best[c], seeds)
+            for c in CONTENDERS for b in budgets_of(c, budgets)}
+  train_all(args, sum(chosen.values(), []))
+  runs = {key: [result(args.out, one) for one in group] for key, group in chosen.items()}
 
   lines = ['## Training modes at equal compute', '',
            f'ParaFormer 8x1 on digits in each training mode, and the sequential model of '
@@ -309,18 +389,21 @@ def compute(args, seeds):
            f'how each mode\'s updates are counted), {len(seeds)} seeds. Every contender\'s '
            f'learning rate is the one of {", ".join(f"{lr:g}" for lr in LEARNING_RATES)} '
            f'(constant schedule, Adam) with the best mean validation accuracy at {middle} '
-           f'updates; {" and ".join(f"`{c}`" for c in CHEAP_UPDATES)}, whose updates cost '
+           f'updates over the first {len(tuning)} seeds; '
+           f'{" and ".join(f"`{c}`" for c in CHEAP_UPDATES)}, whose updates cost '
            'less, also train to twice the largest budget, for the equal-seconds comparison. '
            'Training seconds: the steps alone, without compilation and evaluation '
            '(`train_seconds` in each run\'s metrics.jsonl; steps that compiled counted at the '
-           'mean of the others).', '',
-           f'Validation accuracy (%) at {middle} updates, mean of {len(seeds)} seeds; the '
+           f'mean of the others). With {args.jobs} runs at a time, each on a core of its own, '
+           'they are one core\'s seconds beside a neighbouring run; the contenders\' runs are '
+           'interleaved, so none has the machine to itself.', '',
+           f'Validation accuracy (%) at {middle} updates, mean of {len(tuning)} seeds; the '
            'chosen rate in bold:', '',
            '| contender | ' + ' | '.join(f'lr {lr:g}' for lr in LEARNING_RATES) + ' |',
            '|---|' + '---|' * len(LEARNING_RATES)]
   for c in CONTENDERS:
-    marks = [f'**{100 * val(grid[c, lr]):.2f}**' if lr == best[c] else
-             f'{100 * val(grid[c, lr]):.2f}' for lr in LEARNING_RATES]
+    marks = [f'**{100 * val((c, lr)):.2f}**' if lr == best[c] else
+             f'{100 * val((c, lr)):.2f}' for lr in LEARNING_RATES]
     lines.append(f'| {c} | ' + ' | '.join(marks) + ' |')
   edge = [c for c in CONTENDERS if best[c] in (LEARNING_RATES[0], LEARNING_RATES[-1])]
   if edge:
@@ -459,17 +542,23 @@ def class_accuracy(result, classes: str) -> float:
 def expansion(args, seeds):
   """Old / new / all-class test accuracy of each continual variant, and the upper bound."""
   table = {name: {'old': [], 'new': [], 'all': []} for name in [*CONTINUAL, 'joint on 0-9']}
-  for s in seeds:
-    old = run(args.out, 'digits_0to4', s, digits_0to4.get_config, **args.epochs_override)
-    for name, overrides in CONTINUAL.items():
-      grown = run(args.out, 'digits_5to9' + ''.join(f'_{k}{v}' for k, v in overrides.items()),
-                  s, digits_5to9.get_config, expand_from=old['workdir'], **overrides,
-                  **args.epochs_override)
-      for row in grown['forgetting']:
+  olds = [spec('digits_0to4', s, digits_0to4.get_config, **args.epochs_override)
+          for s in seeds]
+  # The upper bound: the same 12 branches trained jointly on all ten digits at once.
+  joints = [spec('digits_all_12', s, digits.get_config, **{'model.num_branches': 12},
+                 **args.epochs_override) for s in seeds]
+  train_all(args, olds + joints)
+  old_dirs = [result(args.out, old)['workdir'] for old in olds]
+  grown = {(name, s): spec('digits_5to9' + ''.join(f'_{k}{v}' for k, v in overrides.items()),
+                           s, digits_5to9.get_config, expand_from=old_dir,
+                           **overrides, **args.epochs_override)
+           for name, overrides in CONTINUAL.items() for s, old_dir in zip(seeds, old_dirs)}
+  train_all(args, list(grown.values()))
+  for s, joint_spec in zip(seeds, joints):
+    for name in CONTINUAL:
+      for row in result(args.out, grown[name, s])['forgetting']:
         table[name][row['data']].append(row['after'])
-    # The upper bound: the same 12 branches trained jointly on all ten digits at once.
-    joint = run(args.out, 'digits_all_12', s, digits.get_config,
-                **{'model.num_branches': 12}, **args.epochs_override)
+    joint = result(args.out, joint_spec)
     for label, classes in (('old', '0-4'), ('new', '5-9'), ('all', '')):
       table['joint on 0-9'][label].append(class_accuracy(joint, classes))
   lines = ['## Expansion (continual learning): digits 0-4, then 4 branches added for 5-9', '',
@@ -530,19 +619,19 @@ def main():
   parser.add_argument('--epochs', type=int, default=None,
                       help='override the epochs of the scaling and expansion runs (a quick '
                            'check of this script)')
+  parser.add_argument('--jobs', type=int, default=len(os.sched_getaffinity(0)),
+                      help='runs trained at once, each in its own process pinned to one core')
   parser.add_argument('--budgets', default=','.join(map(str, BUDGETS)),
                       help='optimizer updates of the equal-compute runs (three, rising)')
   args = parser.parse_args()
   args.epochs_override = {} if args.epochs is None else {'training.epochs': args.epochs}
-  logging.set_verbosity(logging.WARNING)
-  # Runs that differ only in seed compile the same programs: keep them across runs.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(args.out, 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  _quiet_and_cached(os.path.join(args.out, 'jax_cache'))
+  start = time.perf_counter()
   args.budgets = tuple(int(b) for b in args.budgets.split(','))
   seeds = list(range(args.seeds))
   command = '.venv/bin/python docs/make_results.py ' + ' '.join(
-      f'--{k}={v}' for k, v in (('seeds', args.seeds), ('parts', args.parts),
+      f'--{k}={v}' for k, v in (('seeds', args.seeds), ('jobs', args.jobs),
+                                ('parts', args.parts),
                                 ('epochs', args.epochs),
                                 ('budgets', None if args.budgets == BUDGETS else
                                  ','.join(map(str, args.budgets)))) if v is not None)
@@ -561,12 +650,13 @@ def main():
     lines += {'scaling': scaling, 'compute': compute, 'expansion': expansion,
               'parallel': parallel}[part](args, seeds)
   minutes = sum(WALL_SECONDS.values()) / 60
+  elapsed = (time.perf_counter() - start) / 60
   lines[machine_line] = lines[machine_line].replace(
-      'machine.', f'machine: {len(WALL_SECONDS)} training runs, {minutes:.0f} minutes of '
-                  'training in all (the sum of their wall times, compilation included; the '
-                  'script itself also evaluates and writes checkpoints). Runs already in '
-                  '--out are read, not trained again. The first full regeneration, session 7, took '
-                  '102 minutes of wall time: over the issue\'s aim of 60.', 1)
+      'machine.', f'machine, {args.jobs} runs at a time, each process pinned to a core of its '
+                  f'own: {len(WALL_SECONDS)} training runs, {minutes:.0f} minutes of training '
+                  'in all (the sum of their wall times, compilation included). This invocation '
+                  f'trained {TRAINED_NOW[0]} of them (the others were read back from --out) and '
+                  f'took {elapsed:.0f} minutes of wall time.', 1)
   path = os.path.join(args.docs, 'results.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))

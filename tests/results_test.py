@@ -66,3 +66,17 @@ def test_summary_names_the_best_the_tied_and_the_behind():
   assert make_results.summary(rows, '684 updates') == (
       '- 684 updates: best `lpa`; tied with it (Welch, p >= 0.05): `joint`; behind it: '
       '`stagewise`.')
+
+
+def test_pending_runs_skip_finished_ones_and_come_seed_by_seed(tmp_path):
+  """The first seed of every config trains before any second seed (which then reads the
+  compiled programs from the cache); a run with its wall time recorded is not trained again,
+  and a run asked for twice trains once."""
+  specs = [make_results.spec(name, seed, digits.get_config, **{'training.epochs': 1})
+           for name in ('a', 'b') for seed in (2, 0, 1)]
+  done = specs[1].workdir(str(tmp_path))  # a, seed 0
+  os.makedirs(done)
+  open(os.path.join(done, 'wall_seconds.json'), 'w').write('1.0')
+  todo = make_results.pending(str(tmp_path), specs + specs[:2])
+  assert [(s.name, s.seed) for s in todo] == [('b', 0), ('a', 1), ('b', 1), ('a', 2),
+                                              ('b', 2)]
