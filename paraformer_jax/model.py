@@ -6,7 +6,6 @@ freezing some and appending new ones are array operations on the leading branch 
 """
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from typing import Any
@@ -160,31 +159,8 @@ class Dropout(nn.Module):
     key = jax.random.fold_in(key, zlib.crc32('/'.join(self.scope.path).encode()) & 0x7FFFFFFF)
     if branch is not None:
       key = jax.random.fold_in(key, branch)
-    return dropout(x, key, rows, self.rate)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def dropout(x, key, rows, rate: float):
-  """x with row r's `keep_mask` applied and the kept elements scaled by 1/keep probability.
-
-  Its derivative draws the mask again from (key, rows) instead of keeping it from the
-  forward pass: XLA then fuses the mask into the select and scale on both passes, and no
-  [rows, ...] mask is written and read back. That costs a second round of hashing but made
-  dropout's share of a training step about 3x smaller on a CPU (docs/benchmarks.md)."""
-  keep, keep_prob = keep_mask(key, rows, rate, x.shape[1:])
-  return jnp.where(keep, x / keep_prob, 0).astype(x.dtype)
-
-
-def _dropout_fwd(x, key, rows, rate):
-  return dropout(x, key, rows, rate), (key, rows)
-
-
-def _dropout_bwd(rate, residuals, g):
-  key, rows = residuals
-  return dropout(g, key, rows, rate), None, None
-
-
-dropout.defvjp(_dropout_fwd, _dropout_bwd)
+    keep, keep_prob = keep_mask(key, rows, self.rate, x.shape[1:])
+    return jnp.where(keep, x / keep_prob, 0).astype(x.dtype)
 
 
 DROPOUT_LEVELS = 2 ** 16  # dropout rates are quantized to 1/65536
