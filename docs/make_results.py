@@ -372,8 +372,9 @@ def compute(args, seeds):
   tuning = seeds[:TUNING_SEEDS]
   grid = {(c, lr): specs(c, middle, lr, tuning) for c in CONTENDERS for lr in LEARNING_RATES}
   train_all(args, sum(grid.values(), []))
-  val = lambda key: statistics.mean(result(args.out, one)['val_accuracy'] for one in grid[key])
-  best = {c: max(LEARNING_RATES, key=lambda lr: val((c, lr))) for c in CONTENDERS}
+  val = {key: statistics.mean(result(args.out, one)['val_accuracy'] for one in group)
+         for key, group in grid.items()}
+  best = {c: max(LEARNING_RATES, key=lambda lr: val[c, lr]) for c in CONTENDERS}
   chosen = {(c, b): specs(c, b, best[c], seeds)
             for c in CONTENDERS for b in budgets_of(c, budgets)}
   train_all(args, sum(chosen.values(), []))
@@ -399,8 +400,8 @@ def compute(args, seeds):
            '| contender | ' + ' | '.join(f'lr {lr:g}' for lr in LEARNING_RATES) + ' |',
            '|---|' + '---|' * len(LEARNING_RATES)]
   for c in CONTENDERS:
-    marks = [f'**{100 * val((c, lr)):.2f}**' if lr == best[c] else
-             f'{100 * val((c, lr)):.2f}' for lr in LEARNING_RATES]
+    marks = [f'**{100 * val[c, lr]:.2f}**' if lr == best[c] else
+             f'{100 * val[c, lr]:.2f}' for lr in LEARNING_RATES]
     lines.append(f'| {c} | ' + ' | '.join(marks) + ' |')
   edge = [c for c in CONTENDERS if best[c] in (LEARNING_RATES[0], LEARNING_RATES[-1])]
   if edge:
@@ -614,6 +615,8 @@ def invocations(out: str, trained: int, seconds: float) -> str:
   done = [json.loads(line) for line in open(log)]
   runs = ' + '.join(str(d['trained']) for d in done if d['trained'])
   minutes = [d['seconds'] / 60 for d in done if d['trained']]
+  if not minutes:
+    return 'No invocation logged in --out trained them (they predate the log).'
   if len(minutes) == 1:
     return f'One invocation of this script trained them in {minutes[0]:.1f} minutes of wall time.'
   return (f'{len(minutes)} invocations of this script trained them ({runs} runs) in '
