@@ -59,12 +59,7 @@ def train_run(out: str, run_spec: Spec) -> None:
   """Trains one run into its workdir and records the wall time it took."""
   config = run_spec.make_config()
   config.seed = run_spec.seed
-  for key, value in run_spec.overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(run_spec.overrides)
   print(f'training {run_spec.name} seed {run_spec.seed}', flush=True)
   start = time.perf_counter()
   train.train_and_evaluate(config, run_spec.workdir(out))

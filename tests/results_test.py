@@ -29,9 +29,7 @@ def test_update_counts_follow_the_trainers_own_plan(name):
   for budget in make_results.BUDGETS:
     overrides, counted = make_results.contender(name, budget)
     config = digits.get_config()
-    for key, value in overrides.items():
-      section, field = key.split('.')
-      config[section][field] = value
+    config.update_from_flattened_dict(overrides)
     plan = StagePlan(config, make_results.STEPS_PER_EPOCH)
     steps = plan.num_stages * plan.steps_per_stage
     if config.training.mode == 'lpa':  # epochs alternate: LPA pass, full pass
