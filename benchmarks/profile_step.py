@@ -7,6 +7,7 @@ twice the wall time per call. This is how the qkv derivative and the GELU of
 paraformer_jax/model.py were found (docs/benchmarks.md).
 
   .venv/bin/python benchmarks/profile_step.py                    # 8x2 training step, batch 64
+  .venv/bin/python benchmarks/profile_step.py --dropout=0 --block_style=prenorm
   .venv/bin/python benchmarks/profile_step.py --mode=infer --batch=1
 """
 import argparse
@@ -56,10 +57,13 @@ def main():
   parser.add_argument('--strategy', default='auto')
   parser.add_argument('--calls', type=int, default=3)
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--block_style', default='reference', choices=['prenorm', 'reference'])
+  parser.add_argument('--dropout', type=float, default=0.1)
   args = parser.parse_args()
 
   model = ParaFormer(num_classes=10, num_branches=args.branches, branch_depth=args.depth,
-                     branch_strategy=args.strategy)
+                     branch_strategy=args.strategy, block_style=args.block_style,
+                     dropout=args.dropout)
   images = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
   batch = {'image': images, 'label': jnp.arange(args.batch) % 10}
   step, state = trainer_step(model, images)

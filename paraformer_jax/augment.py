@@ -86,18 +86,18 @@ def train_image(data, prep, rng) -> np.ndarray:
   """Encoded bytes or uint8 HWC -> augmented uint8 [size, size, C] (normalized later, on
   device: input_pipeline.finish).
 
-  'inception' (ImageNet, big_vision / DeiT order): random-resized crop, flip, RandAugment on
-  the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,
+  'inception' (ImageNet, big_vision / DeiT order): random-resized crop (bilinear, not
+  antialiased, as big_vision's), flip, RandAugment on the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,
   resize, zero-padded random crop, flip.
   """
   if prep.train_crop == 'inception':
     box = images.inception_box(*images.image_size(data), prep.crop_scale, prep.crop_ratio, rng)
-    img = images.crop_resize(data, box, prep.image_size, prep.channels)
+    image = images.crop_resize_bilinear(data, box, prep.image_size, prep.channels)
     if prep.flip and rng.random() < 0.5:
-      img = img.transpose(Image.FLIP_LEFT_RIGHT)
+      image = images.flip_left_right(image)
     if prep.randaugment_layers:
-      img = _rand_augment(img, prep.randaugment_layers, prep.randaugment_magnitude, rng)
-    return images.to_array(img, prep.channels)
+      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+    return image
   image = images.decode(data, prep.channels)
   if prep.randaugment_layers:
     image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)

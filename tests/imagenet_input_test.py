@@ -61,6 +61,34 @@ def test_eval_center_crop_is_the_central_slice():
   np.testing.assert_array_equal(out, image[16:240, 38:262])
 
 
+def _bilinear(image, size):
+  """Bilinear resize to size x size without antialiasing, half-pixel centers (what
+  tf.image.resize does with antialias=False), in float64 numpy."""
+  def axis(n):
+    src = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    lo = np.floor(src).astype(int)
+    return lo, np.minimum(lo + 1, n - 1), src - lo
+  y0, y1, fy = axis(image.shape[0])
+  x0, x1, fx = axis(image.shape[1])
+  img = image.astype(float)
+  rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+  return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+@pytest.mark.parametrize('box', [(17, 9, 301, 263), (40, 30, 150, 170), (5, 6, 224, 224)])
+def test_training_crop_is_bilinear_without_antialiasing(box):
+  """Downscaled, upscaled and same-size crops of a random image equal an independent numpy
+  bilinear resize of the slice, within OpenCV's fixed-point rounding (1 gray level)."""
+  image = np.random.default_rng(2).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  left, top, w, h = box
+  out = images.crop_resize_bilinear(image, box, 224, 3)
+  assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+  want = _bilinear(image[top:top + h, left:left + w], 224)
+  assert np.abs(out - want).max() <= 1.0
+  if (w, h) == (224, 224):
+    np.testing.assert_array_equal(out, image[top:top + h, left:left + w])
+
+
 def test_reduced_size_decode_matches_a_full_decode(monkeypatch):
   """A 1200x1000 JPEG center-cropped to 224: libjpeg decodes it at half scale (DCT
   scaling); the result must match crop-and-resize of the full decode (PIL) within a few
@@ -289,3 +317,11 @@ def test_bad_input_settings_name_the_field(field, value, message):
   data = imagenet.get_config().data
   with pytest.raises(ValueError, match='each process loads 7 rows'):
     input_pipeline.check_config(data, local_batch=7)  # mixup pairs rows
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_flip_mirrors_the_columns(channels):
+  image = np.random.default_rng(3).integers(0, 256, (4, 6, channels), dtype=np.uint8)
+  out = images.flip_left_right(image)
+  np.testing.assert_array_equal(out, image[:, ::-1])
+  assert out.flags['C_CONTIGUOUS']
