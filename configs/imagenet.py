@@ -46,5 +46,6 @@ def get_config():
   config.eval_batch_size = 1024
   config.eval_every_steps = 5000
   config.log_every_steps = 100
-  config.workers = 48  # per host: a v5e host needs ~38, a v4 host ~53 (docs/input_pipeline.md)
+  config.workers = 48  # per host: ~21 (v5e) or ~29 (v4) at our 2-core VM's per-core rate, plus
+  # headroom for slower host cores (docs/input_pipeline.md)
   return config
