@@ -87,8 +87,9 @@ def train_image(data, prep, rng) -> np.ndarray:
   device: input_pipeline.finish).
 
   'inception' (ImageNet, big_vision / DeiT order): random-resized crop (bilinear, not
-  antialiased, as big_vision's), flip, RandAugment on the output-size image. 'pad' (the authors' CIFAR recipe): RandAugment on the stored image,
-  resize, zero-padded random crop, flip.
+  antialiased, as big_vision's), flip, RandAugment on the output-size image. 'pad' (the
+  authors' CIFAR recipe): RandAugment on the stored image, resize, zero-padded random crop,
+  flip.
   """
   if prep.train_crop == 'inception':
     box = images.inception_box(*images.image_size(data), prep.crop_scale, prep.crop_ratio, rng)

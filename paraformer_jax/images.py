@@ -6,8 +6,9 @@ simplejpeg (libjpeg-turbo), 2-3x faster than PIL's decoder on the same files
 (benchmarks/input_pipeline.py); other formats, and the JPEGs libjpeg-turbo cannot convert to
 RGB (CMYK), through PIL. For a crop that is then shrunk to the output size, libjpeg decodes
 at 1/2, 1/4 or 1/8 scale (DCT scaling) whenever the crop keeps at least the output's pixels
-at that scale: the decode, most of an example's cost, shrinks with it. Grayscale and CMYK files are converted
-to the dataset's channels; a file that does not decode raises `CorruptImage`.
+at that scale: the decode, most of an example's cost, shrinks with it. Grayscale and CMYK
+files are converted to the dataset's channels; a file that does not decode raises
+`CorruptImage`.
 
 Two resizes: the training crop is bilinear without antialiasing, as big_vision's
 `inception_crop` (tf.image.resize, antialias=False), through OpenCV: 0.11 ms a crop against
