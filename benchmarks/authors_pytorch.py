@@ -8,7 +8,9 @@ minibatch:
   - the LPA routine, 8 clipped prefix updates and 1 full update: ours is the LPA pass step
     plus the full step; theirs is `train_ParaFormer2.py`'s loop, `forward_step(x, i)` for
     i = 0..7 with `clip_grad_norm_(1.0)` after each backward, then the full step.
-The four calls are timed round-robin (each round runs them all once), so a busy shared
+First, the same weights: their model's initial weights loaded into ours
+(`paraformer_jax.authors_weights`) must give their logits. The four calls are timed
+round-robin (each round runs them all once), so a busy shared
 machine slows all of them alike; medians over `--repeats` rounds after one warm-up round
 (which compiles ours).
 
@@ -32,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cifar10  # noqa: E402
-from paraformer_jax import optim, run_state, sharding, steps  # noqa: E402
+from paraformer_jax import authors_weights, optim, run_state, sharding, steps  # noqa: E402
 
 
 def authors_model(repo: str, config):
@@ -50,6 +52,19 @@ def authors_model(repo: str, config):
                     num_classes=10, dim=m.width, num_blocks=m.num_branches,
                     heads=m.num_heads, mlp_dim=m.mlp_dim, depth=m.branch_depth,
                     dropout=m.dropout, emb_dropout=m.dropout)
+
+
+def logits_difference(net, images) -> tuple[float, float]:
+  """(largest |logit| difference between their model and ours given their weights
+  (paraformer_jax.authors_weights), largest |logit|): both in eval mode, on these images."""
+  import torch
+  net.eval()
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(np.transpose(images, (0, 3, 1, 2)).copy())).numpy()
+  state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  model = authors_weights.model_for(state)
+  ours = model.apply({'params': authors_weights.to_params(state)}, jnp.asarray(images))
+  return float(np.abs(np.asarray(ours) - theirs).max()), float(np.abs(theirs).max())
 
 
 def authors_calls(net, images, labels, lr):
@@ -119,8 +134,9 @@ def main():
   size = config.data.image_size
   images = rng.standard_normal((args.batch, size, size, 3)).astype(np.float32)
   labels = (np.arange(args.batch) % 10).astype(np.int64)
-  theirs = authors_calls(authors_model(args.authors_repo, config), images, labels,
-                         config.training.learning_rate)
+  net = authors_model(args.authors_repo, config)
+  diff, scale = logits_difference(net, images)
+  theirs = authors_calls(net, images, labels, config.training.learning_rate)
   ours = our_calls(config, images, labels.astype(np.int32))
   calls = {('theirs', 'step'): theirs[0], ('ours', 'step'): ours[0],
            ('theirs', 'routine'): theirs[1], ('ours', 'routine'): ours[1]}
@@ -136,6 +152,8 @@ def main():
         f'({jax.default_backend()}); batch {args.batch}, {size} px, dropout '
         f'{config.model.dropout}, {config.model.num_branches}x{config.model.branch_depth}, '
         f'D={config.model.width}; medians of {args.repeats} rounds')
+  print(f'their initial weights in our model: logits within {diff:.1e} of theirs '
+        f'(largest |logit| {scale:.2f})')
   print('| per minibatch | authors\' PyTorch | ours | ratio |\n|---|---|---|---|')
   for kind, label in (('step', 'one training step (dropout on)'),
                       ('routine', 'the LPA routine (8 clipped prefix updates + 1 full update)')):

@@ -1,0 +1,103 @@
+"""The authors' PyTorch weights as our parameters: compare, evaluate or fine-tune their models.
+
+The authors' model is `ViP` in models/ParaFormer.py of github.com/DUAT-Maker/Shallow-Paraformer
+(their checkpoints are its `state_dict`). Its computation is our `block_style='reference'`,
+`pool='cls'` model: the same patch order, LayerNorm epsilon (1e-5), residuals, exact GELU
+and bias-free qkv, so the same weights give the same logits (`tests/authors_weights_test.py`
+against a numpy transcription of their forward; `benchmarks/authors_pytorch.py` against
+their code itself).
+
+  import torch
+  state = {k: v.numpy() for k, v in torch.load(path, map_location='cpu').items()}
+  params = authors_weights.to_params(state)
+  model = authors_weights.model_for(state, num_classes=10)   # reference style, cls pooling
+  logits = model.apply({'params': params}, images)           # images NHWC, as ours
+
+Their attention splits `to_qkv`'s output into q, k, v with `chunk(3)`, which is only a
+multi-head split when heads x 64 x heads = 3 x heads x 64, i.e. with 3 heads (the papers'
+setting); other head counts are refused.
+"""
+import math
+import re
+from typing import Mapping
+
+import numpy as np
+
+from paraformer_jax.model import HEAD_DIM, ParaFormer
+
+_BLOCK = re.compile(r'paratransformer\.blocks\.(\d+)\.(\d+)\.')
+
+
+def _sizes(state: Mapping[str, np.ndarray]) -> dict:
+  """ParaFormer's size arguments read off the shapes of the authors' state_dict."""
+  found = [m for m in map(_BLOCK.match, state) if m]
+  if not found or 'to_patch_embedding.1.weight' not in state:
+    raise ValueError("This is not a state_dict of the authors' ViP (models/ParaFormer.py): "
+                     'no paratransformer.blocks.* or to_patch_embedding.1.weight entries. '
+                     'Pass the dict their train_ParaFormer2.py saves (net.state_dict()).')
+  width, patch_dim = state['to_patch_embedding.1.weight'].shape
+  channels = 3 if patch_dim % 3 == 0 and math.isqrt(patch_dim // 3) ** 2 == patch_dim // 3 else 1
+  heads = state['paratransformer.blocks.0.0.fn.to_out.0.weight'].shape[1] // HEAD_DIM
+  qkv_rows = state['paratransformer.blocks.0.0.fn.to_qkv.weight'].shape[0]
+  if qkv_rows != 3 * heads * HEAD_DIM:
+    raise ValueError(f"to_qkv has {qkv_rows} outputs for {heads} heads: the authors' "
+                     f'chunk(3) split is a multi-head q/k/v split only with 3 heads of '
+                     f'{HEAD_DIM} (576 outputs); such a model has no equivalent here.')
+  return dict(patch_size=math.isqrt(patch_dim // channels), width=width, num_heads=heads,
+              mlp_dim=state['paratransformer.blocks.0.1.fn.net.0.weight'].shape[0],
+              num_branches=1 + max(int(m.group(1)) for m in found),
+              branch_depth=(1 + max(int(m.group(2)) for m in found)) // 2)
+
+
+def model_for(state: Mapping[str, np.ndarray], num_classes: int | None = None,
+              **kwargs) -> ParaFormer:
+  """The ParaFormer that `to_params(state)` fits (reference style, cls pooling); `kwargs`
+  (dropout, dtype, branch_strategy, ...) pass through."""
+  return ParaFormer(num_classes=num_classes or state['mlp_head.1.weight'].shape[0],
+                    block_style='reference', pool='cls', **_sizes(state), **kwargs)
+
+
+def to_params(state: Mapping[str, np.ndarray]) -> dict:
+  """Our params tree (float32 numpy) from the authors' ViP `state_dict` (name -> array)."""
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  sizes = _sizes(state)
+  branches, depth, width = sizes['num_branches'], sizes['branch_depth'], sizes['width']
+  heads = sizes['num_heads']
+
+  def stacked(layer: int, name: str, fn=lambda w: w):
+    return np.stack([fn(state[f'paratransformer.blocks.{b}.{layer}.{name}'])
+                     for b in range(branches)])
+
+  def norm(layer):
+    return {'scale': stacked(layer, 'norm.weight'), 'bias': stacked(layer, 'norm.bias')}
+
+  blocks = {}
+  for j in range(depth):
+    a, m = 2 * j, 2 * j + 1  # their Sequential: PreNorm(Attention), PreNorm(FeedForward)
+    blocks[f'block{j}'] = {
+        'norm1': norm(a),
+        'attn': {
+            # Linear(D, 3 * heads * 64).weight is [out, in]; out = (q|k|v, head, dim).
+            'qkv': {'kernel': stacked(a, 'fn.to_qkv.weight',
+                                      lambda w: w.T.reshape(width, 3, heads, HEAD_DIM))},
+            'out': {'kernel': stacked(a, 'fn.to_out.0.weight',
+                                      lambda w: w.T.reshape(heads, HEAD_DIM, width)),
+                    'bias': stacked(a, 'fn.to_out.0.bias')},
+        },
+        'norm2': norm(m),
+        'mlp': {
+            'fc1': {'kernel': stacked(m, 'fn.net.0.weight', np.transpose),
+                    'bias': stacked(m, 'fn.net.0.bias')},
+            'fc2': {'kernel': stacked(m, 'fn.net.3.weight', np.transpose),
+                    'bias': stacked(m, 'fn.net.3.bias')},
+        },
+    }
+  return {
+      'embed': {'patch': {'kernel': state['to_patch_embedding.1.weight'].T,
+                          'bias': state['to_patch_embedding.1.bias']},
+                'cls': state['cls_token'], 'pos': state['pos_embedding']},
+      'branches': {'branch': blocks},
+      'head': {'norm': {'scale': state['mlp_head.0.weight'], 'bias': state['mlp_head.0.bias']},
+               'out': {'kernel': state['mlp_head.1.weight'].T,
+                       'bias': state['mlp_head.1.bias']}},
+  }

@@ -1,0 +1,104 @@
+"""The authors' weights in our model give their model's logits.
+
+Their model's forward is transcribed below in float64 numpy from models/ParaFormer.py of
+github.com/DUAT-Maker/Shallow-Paraformer (ViP.forward, ParaTransformer, PreNorm, Attention,
+FeedForward), on NCHW images as they take them; no code of ours is used for it.
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from paraformer_jax import authors_weights
+
+BRANCHES, DEPTH, WIDTH, HEADS, MLP, PATCH, CLASSES = 2, 2, 192, 3, 64, 4, 7
+
+
+def _authors_state(rng, heads=HEADS):
+  """A random state_dict with the authors' names and torch's [out, in] Linear layout."""
+  inner = 64 * heads
+  tokens = (8 // PATCH) ** 2 + 1
+  s = {'to_patch_embedding.1.weight': rng.normal(0, 0.2, (WIDTH, PATCH * PATCH * 3)),
+       'to_patch_embedding.1.bias': rng.normal(0, 0.2, WIDTH),
+       'pos_embedding': rng.normal(0, 1, (1, tokens, WIDTH)),
+       'cls_token': rng.normal(0, 1, (1, 1, WIDTH)),
+       'mlp_head.0.weight': rng.normal(1, 0.1, WIDTH), 'mlp_head.0.bias': rng.normal(0, 0.1, WIDTH),
+       'mlp_head.1.weight': rng.normal(0, 0.1, (CLASSES, WIDTH)),
+       'mlp_head.1.bias': rng.normal(0, 0.1, CLASSES)}
+  for b in range(BRANCHES):
+    for layer in range(2 * DEPTH):
+      pre = f'paratransformer.blocks.{b}.{layer}.'
+      s[pre + 'norm.weight'] = rng.normal(1, 0.1, WIDTH)
+      s[pre + 'norm.bias'] = rng.normal(0, 0.1, WIDTH)
+      if layer % 2 == 0:
+        s[pre + 'fn.to_qkv.weight'] = rng.normal(0, 0.08, (inner * heads, WIDTH))
+        s[pre + 'fn.to_out.0.weight'] = rng.normal(0, 0.08, (WIDTH, inner))
+        s[pre + 'fn.to_out.0.bias'] = rng.normal(0, 0.1, WIDTH)
+      else:
+        s[pre + 'fn.net.0.weight'] = rng.normal(0, 0.08, (MLP, WIDTH))
+        s[pre + 'fn.net.0.bias'] = rng.normal(0, 0.1, MLP)
+        s[pre + 'fn.net.3.weight'] = rng.normal(0, 0.1, (WIDTH, MLP))
+        s[pre + 'fn.net.3.bias'] = rng.normal(0, 0.1, WIDTH)
+  return s
+
+
+def _layer_norm(x, weight, bias):  # torch's nn.LayerNorm: eps 1e-5, biased variance
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * weight + bias
+
+
+def _authors_forward(s, img):
+  """ViP.forward in eval mode (dropout off), img [b, c, h, w]."""
+  b, c, h, w = img.shape
+  p = PATCH
+  # Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')
+  x = img.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 3, 5, 1)
+  x = x.reshape(b, (h // p) * (w // p), p * p * c)
+  x = x @ s['to_patch_embedding.1.weight'].T + s['to_patch_embedding.1.bias']
+  x = np.concatenate([np.repeat(s['cls_token'], b, axis=0), x], axis=1) + s['pos_embedding']
+  outputs = []
+  for i in range(BRANCHES):
+    y = x
+    for layer in range(2 * DEPTH):
+      pre = f'paratransformer.blocks.{i}.{layer}.'
+      y = _layer_norm(y, s[pre + 'norm.weight'], s[pre + 'norm.bias'])  # PreNorm
+      if layer % 2 == 0:  # Attention(...)(x) + x, x being the normed input
+        q, k, v = np.split(y @ s[pre + 'fn.to_qkv.weight'].T, 3, axis=-1)
+        q, k, v = (t.reshape(b, -1, HEADS, t.shape[-1] // HEADS).transpose(0, 2, 1, 3)
+                   for t in (q, k, v))
+        dots = q @ k.transpose(0, 1, 3, 2) * 64 ** -0.5
+        attn = np.exp(dots - dots.max(-1, keepdims=True))
+        attn /= attn.sum(-1, keepdims=True)
+        out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, -1, HEADS * 64)
+        y = out @ s[pre + 'fn.to_out.0.weight'].T + s[pre + 'fn.to_out.0.bias'] + y
+      else:  # FeedForward: Linear, GELU (exact), Dropout, Linear, Dropout, + x
+        hidden = y @ s[pre + 'fn.net.0.weight'].T + s[pre + 'fn.net.0.bias']
+        hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
+        y = hidden @ s[pre + 'fn.net.3.weight'].T + s[pre + 'fn.net.3.bias'] + y
+    outputs.append(y)
+  x = np.sum(outputs, axis=0)[:, 0]
+  x = _layer_norm(x, s['mlp_head.0.weight'], s['mlp_head.0.bias'])
+  return x @ s['mlp_head.1.weight'].T + s['mlp_head.1.bias']
+
+
+def test_authors_weights_give_the_authors_logits():
+  rng = np.random.default_rng(0)
+  state = _authors_state(rng)
+  images = rng.normal(0, 1, (3, 8, 8, 3))  # NHWC, ours
+  model = authors_weights.model_for(state)
+  assert (model.num_branches, model.branch_depth, model.width, model.num_heads, model.mlp_dim,
+          model.patch_size, model.num_classes) == (BRANCHES, DEPTH, WIDTH, HEADS, MLP, PATCH,
+                                                   CLASSES)
+  ours = model.apply({'params': authors_weights.to_params(state)},
+                     jnp.asarray(images, jnp.float32))
+  want = _authors_forward(state, images.transpose(0, 3, 1, 2))
+  assert np.abs(want).max() > 1  # logits of some size, so the tolerance below means something
+  np.testing.assert_allclose(np.asarray(ours), want, atol=2e-4, rtol=1e-4)
+
+
+def test_other_dicts_are_refused_with_the_reason():
+  with pytest.raises(ValueError, match='not a state_dict'):
+    authors_weights.to_params({'fc.weight': np.zeros((2, 2))})
+  # Their chunk(3) is a q/k/v split only with 3 heads: 4 heads' 1024 outputs are not.
+  with pytest.raises(ValueError, match='only with 3 heads'):
+    authors_weights.to_params(_authors_state(np.random.default_rng(1), heads=4))
