@@ -13,16 +13,30 @@ their code itself).
   model = authors_weights.model_for(state, num_classes=10)   # reference style, cls pooling
   logits = model.apply({'params': params}, images)           # images NHWC, as ours
 
+Or as a workdir that `--mode=eval`, `compress` and `config.init_from` (fine-tuning) take:
+
+  python -m paraformer_jax.authors_weights --config=configs/cifar10.py \
+      --weights=their_checkpoint.t7 --out=/tmp/pf_authors_c10
+  python -m paraformer_jax.main --config=/tmp/pf_authors_c10/config.py \
+      --workdir=/tmp/pf_authors_c10 --mode=eval
+
+`--weights` is their saved state_dict (torch needed to read it) or an .npz of its arrays
+(`np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})`), which needs no torch.
+
 Their attention splits `to_qkv`'s output into q, k, v with `chunk(3)`, which is only a
 multi-head split when heads x 64 x heads = 3 x heads x 64, i.e. with 3 heads (the papers'
 setting); other head counts are refused.
 """
+import io
 import math
 import re
 from typing import Mapping
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from paraformer_jax import cli, storage, train
 from paraformer_jax.model import HEAD_DIM, ParaFormer
 
 _BLOCK = re.compile(r'paratransformer\.blocks\.(\d+)\.(\d+)\.')
@@ -101,3 +115,75 @@ def to_params(state: Mapping[str, np.ndarray]) -> dict:
                'out': {'kernel': state['mlp_head.1.weight'].T,
                        'bias': state['mlp_head.1.bias']}},
   }
+
+
+def load_state(path: str) -> dict:
+  """Their state_dict as {name: numpy array}, from an .npz or a torch checkpoint (local or
+  gs://). DataParallel's 'module.' prefix is dropped."""
+  if not storage.path(path).exists():
+    raise FileNotFoundError(f'--weights={path} does not exist: pass the file their training '
+                            'saved (net.state_dict()), or an .npz of its arrays.')
+  data = storage.path(path).read_bytes()
+  if path.endswith('.npz'):
+    state = dict(np.load(io.BytesIO(data)))
+  else:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ValueError(f'--weights={path}: reading a torch checkpoint needs torch. Install it, '
+                       'or save the arrays once where torch is: np.savez(PATH.npz, **{k: '
+                       'v.numpy() for k, v in torch.load(PATH).items()}).') from None
+    loaded = torch.load(io.BytesIO(data), map_location='cpu')
+    state = {k: v.numpy() for k, v in loaded.get('state_dict', loaded).items()}
+  return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def check_config(config, state: Mapping[str, np.ndarray]):
+  """Refuses a config whose model the weights do not fit, naming the overrides that fit."""
+  want = dict(_sizes(state), block_style='reference', pool='cls')
+  fixes = [f'--config.model.{k}={v}' for k, v in want.items() if config.model[k] != v]
+  classes = state['mlp_head.1.weight'].shape[0]
+  if config.data.num_classes != classes:
+    fixes.append(f'--config.data.num_classes={classes}')
+  tokens = state['pos_embedding'].shape[1] - 1
+  side = math.isqrt(tokens) * want['patch_size']
+  if config.data.image_size != side:
+    fixes.append(f'--config.data.image_size={side}')
+  if fixes:
+    raise ValueError('The weights do not fit the config\'s model. To match them, add: ' +
+                     ' '.join(fixes))
+
+
+def write_workdir(config, state: Mapping[str, np.ndarray], out: str) -> float:
+  """A workdir at `out` holding their weights as step 0's checkpoint; returns the model's
+  validation accuracy (the checkpoint's metric)."""
+  check_config(config, state)
+  storage.check_access(out, '--out')
+  if storage.path(out).exists():
+    raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
+  return train.write_params_workdir(config, out, to_params(state), 0,
+                                    'paraformer_jax.authors_weights')
+
+
+def define_flags():
+  """Only when run as a program: importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config the weights are for (reference '
+                                  'style, cls pooling, their sizes).', lock_config=True)
+  flags.DEFINE_string('weights', None, "The authors' saved state_dict (.t7/.pt/.pth, needs "
+                      'torch) or an .npz of its arrays.')
+  flags.DEFINE_string('out', None, 'Workdir to write (must not exist).')
+  flags.mark_flags_as_required(['config', 'weights', 'out'])
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  config, out = cli.config(), flags.FLAGS.out
+  val = write_workdir(config, load_state(flags.FLAGS.weights), out)
+  print(f'{out}: their weights, validation accuracy {100 * val:.2f}%. Evaluate with\n'
+        f'  python -m paraformer_jax.main --config={out}/config.py --workdir={out} --mode=eval')
+
+
+if __name__ == '__main__':
+  define_flags()
+  cli.run(main)

@@ -24,7 +24,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import cli, input_pipeline, sharding, storage, train
+from paraformer_jax import cli, input_pipeline, storage, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
@@ -113,25 +113,10 @@ def _write(config, trainer, out, params, kept, step, report):
     small.training.mode = 'joint'  # the compressed model is one stack, no stages
   small.training.branches_per_stage = 1
   small.init_from = small.expand_from = ''  # its parameters are all in the checkpoint
-  out = storage.path(out)
-  out.mkdir(parents=True)
-  as_json = small.to_json_best_effort(indent=1)
-  storage.write_atomic(out / 'config.json', as_json)
-  # For --config=OUT/config.py; self-contained, so that a copy of it works anywhere (absl
-  # reads config files from local disk only: copy it from a bucket first).
-  storage.write_atomic(out / 'config.py', (
-      '"""The compressed model\'s config (written by paraformer_jax.compress)."""\n'
-      'import json\nimport ml_collections\n\n\ndef get_config():\n'
-      f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
-  storage.write_atomic(out / 'compression.json', json.dumps(report, indent=1))
-  writer = train.Trainer(small, out)
-  state = writer.states.initial()
-  kept_params = reorder(params, kept)
-  state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
-      kept_params, sharding.param_shardings(kept_params, writer.mesh)))
   kept_val = report['rows'][len(kept) - 1]['val_accuracy']  # of the kept branches, in order
-  writer.ckpts.save(step, state, {'stage': 0}, metrics={'val_accuracy': kept_val})
-  writer.ckpts.wait()
+  train.write_params_workdir(small, out, reorder(params, kept), step, 'paraformer_jax.compress',
+                             kept_val)
+  storage.write_atomic(storage.path(out) / 'compression.json', json.dumps(report, indent=1))
 
 
 def main(argv):

@@ -459,6 +459,35 @@ def check_sources(config, workdir: str):
       storage.check_access(path, what)
 
 
+def write_params_workdir(config, out, params, step: int, written_by: str,
+                         val_accuracy: float | None = None):
+  """A new workdir holding `params` as its checkpoint at `step`: config.json and a
+  self-contained config.py (for --config=OUT/config.py), so that --mode=eval, compress and
+  config.init_from take it like a trained run's. The checkpoint's metric is `val_accuracy`,
+  or the model's accuracy on the validation split when not given."""
+  out = storage.path(out)
+  out.mkdir(parents=True)
+  as_json = config.to_json_best_effort(indent=1)
+  storage.write_atomic(out / 'config.json', as_json)
+  # Self-contained, so that a copy of it works anywhere (absl reads config files from
+  # local disk only: copy it from a bucket first).
+  storage.write_atomic(out / 'config.py', (
+      f'"""The config of the model in this workdir (written by {written_by})."""\n'
+      'import json\nimport ml_collections\n\n\ndef get_config():\n'
+      f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
+  writer = Trainer(config, out)
+  state = writer.states.initial()
+  state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
+      params, sharding.param_shardings(params, writer.mesh)))
+  if val_accuracy is None:
+    model = writer.plan.model(0)
+    val_accuracy = writer.evaluate(model, state.params, writer.val_source)[
+        'prefix_accuracy'][-1]
+  writer.ckpts.save(step, state, {'stage': 0}, metrics={'val_accuracy': val_accuracy})
+  writer.ckpts.wait()
+  return val_accuracy
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming from workdir if it holds checkpoints), then reports test accuracy."""
   check_sources(config, workdir)

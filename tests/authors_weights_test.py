@@ -4,29 +4,32 @@ Their model's forward is transcribed below in float64 numpy from models/ParaForm
 github.com/DUAT-Maker/Shallow-Paraformer (ViP.forward, ParaTransformer, PreNorm, Attention,
 FeedForward), on NCHW images as they take them; no code of ours is used for it.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import erf
 
-from paraformer_jax import authors_weights
+from configs import tiny
+from paraformer_jax import authors_weights, input_pipeline, storage, train
 
 BRANCHES, DEPTH, WIDTH, HEADS, MLP, PATCH, CLASSES = 2, 2, 192, 3, 64, 4, 7
 
 
-def _authors_state(rng, heads=HEADS):
+def _authors_state(rng, heads=HEADS, patch=PATCH, channels=3, classes=CLASSES, side=8,
+                   depth=DEPTH):
   """A random state_dict with the authors' names and torch's [out, in] Linear layout."""
   inner = 64 * heads
-  tokens = (8 // PATCH) ** 2 + 1
-  s = {'to_patch_embedding.1.weight': rng.normal(0, 0.2, (WIDTH, PATCH * PATCH * 3)),
+  tokens = (side // patch) ** 2 + 1
+  s = {'to_patch_embedding.1.weight': rng.normal(0, 0.2, (WIDTH, patch * patch * channels)),
        'to_patch_embedding.1.bias': rng.normal(0, 0.2, WIDTH),
        'pos_embedding': rng.normal(0, 1, (1, tokens, WIDTH)),
        'cls_token': rng.normal(0, 1, (1, 1, WIDTH)),
        'mlp_head.0.weight': rng.normal(1, 0.1, WIDTH), 'mlp_head.0.bias': rng.normal(0, 0.1, WIDTH),
-       'mlp_head.1.weight': rng.normal(0, 0.1, (CLASSES, WIDTH)),
-       'mlp_head.1.bias': rng.normal(0, 0.1, CLASSES)}
+       'mlp_head.1.weight': rng.normal(0, 0.1, (classes, WIDTH)),
+       'mlp_head.1.bias': rng.normal(0, 0.1, classes)}
   for b in range(BRANCHES):
-    for layer in range(2 * DEPTH):
+    for layer in range(2 * depth):
       pre = f'paratransformer.blocks.{b}.{layer}.'
       s[pre + 'norm.weight'] = rng.normal(1, 0.1, WIDTH)
       s[pre + 'norm.bias'] = rng.normal(0, 0.1, WIDTH)
@@ -47,10 +50,9 @@ def _layer_norm(x, weight, bias):  # torch's nn.LayerNorm: eps 1e-5, biased vari
   return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * weight + bias
 
 
-def _authors_forward(s, img):
+def _authors_forward(s, img, p=PATCH, depth=DEPTH):
   """ViP.forward in eval mode (dropout off), img [b, c, h, w]."""
   b, c, h, w = img.shape
-  p = PATCH
   # Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')
   x = img.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 3, 5, 1)
   x = x.reshape(b, (h // p) * (w // p), p * p * c)
@@ -59,7 +61,7 @@ def _authors_forward(s, img):
   outputs = []
   for i in range(BRANCHES):
     y = x
-    for layer in range(2 * DEPTH):
+    for layer in range(2 * depth):
       pre = f'paratransformer.blocks.{i}.{layer}.'
       y = _layer_norm(y, s[pre + 'norm.weight'], s[pre + 'norm.bias'])  # PreNorm
       if layer % 2 == 0:  # Attention(...)(x) + x, x being the normed input
@@ -102,3 +104,49 @@ def test_other_dicts_are_refused_with_the_reason():
   # Their chunk(3) is a q/k/v split only with 3 heads: 4 heads' 1024 outputs are not.
   with pytest.raises(ValueError, match='only with 3 heads'):
     authors_weights.to_params(_authors_state(np.random.default_rng(1), heads=4))
+
+
+def _digits_config():
+  """The tiny digits run with the model their weights below fit."""
+  config = tiny.get_config()
+  m = config.model
+  m.width, m.num_heads, m.mlp_dim, m.num_branches, m.branch_depth = WIDTH, HEADS, MLP, 2, 1
+  m.patch_size, m.block_style, m.pool = 2, 'reference', 'cls'
+  return config
+
+
+def test_a_workdir_of_their_weights_evaluates_as_their_model(tmp_path):
+  """Their weights written as a workdir (npz in, as from their torch checkpoint): the
+  checkpoint holds exactly to_params(state), and --mode=eval's test accuracy is that of the
+  numpy transcription of their forward on the same test images."""
+  config = _digits_config()
+  state = _authors_state(np.random.default_rng(4), patch=2, channels=1, classes=10, depth=1)
+  path = str(tmp_path / 'theirs.npz')
+  np.savez(path, **{'module.' + k: v for k, v in state.items()})  # as DataParallel saves
+  out = str(tmp_path / 'workdir')
+  val = authors_weights.write_workdir(config, authors_weights.load_state(path), out)
+  trainer = train.Trainer(config, out, create=False)
+  restored, _ = trainer.restore(0)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.float32(b)),
+               restored.params, authors_weights.to_params(state))
+  assert trainer.ckpts.best_step() == 0 and 0 < val < 1
+  got = train.evaluate_checkpoint(config, out)['prefix_accuracy'][-1]
+  test = input_pipeline.split_source(config.data, config.data.test_split)
+  images = np.stack([test[i]['image'] for i in range(len(test))]).astype(np.float64)
+  images = (images / 255 - config.data.mean) / config.data.std
+  logits = _authors_forward(state, images.transpose(0, 3, 1, 2), p=2, depth=1)
+  labels = np.array([test[i]['label'] for i in range(len(test))])
+  want = (logits.argmax(-1) == labels).mean()
+  assert abs(got - want) <= 1 / len(test)  # float32 against float64: one near-tie at most
+  assert (storage.path(out) / 'config.py').exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_with_the_overrides(tmp_path):
+  config = _digits_config()
+  config.model.width, config.data.image_size = 64, 8
+  state = _authors_state(np.random.default_rng(5), patch=2, channels=1, classes=10, depth=1,
+                         side=16)
+  with pytest.raises(ValueError, match=r'--config.model.width=192 '
+                                       r'--config.data.image_size=16'):
+    authors_weights.write_workdir(config, state, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
