@@ -9,7 +9,8 @@ minibatch:
     plus the full step; theirs is `train_ParaFormer2.py`'s loop, `forward_step(x, i)` for
     i = 0..7 with `clip_grad_norm_(1.0)` after each backward, then the full step.
 First, the same weights: their model's initial weights loaded into ours
-(`paraformer_jax.authors_weights`) must give their logits. The four calls are timed
+(`paraformer_jax.authors_weights`) must give their logits, and after one LPA routine from
+them on the same batch (dropout off, so both are deterministic) the same parameters. The four calls are timed
 round-robin (each round runs them all once), so a busy shared
 machine slows all of them alike; medians over `--repeats` rounds after one warm-up round
 (which compiles ours).
@@ -37,8 +38,9 @@ from configs import cifar10  # noqa: E402
 from paraformer_jax import authors_weights, optim, run_state, sharding, steps  # noqa: E402
 
 
-def authors_model(repo: str, config):
-  """The authors' ViP (models/ParaFormer.py in `repo`) with the config's sizes."""
+def authors_model(repo: str, config, dropout=None):
+  """The authors' ViP (models/ParaFormer.py in `repo`) with the config's sizes (and its
+  dropout, unless given)."""
   import torch  # noqa: F401  (imported here: only this benchmark needs it)
   path = os.path.join(repo, 'models', 'ParaFormer.py')
   if not os.path.exists(path):
@@ -48,10 +50,11 @@ def authors_model(repo: str, config):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   m = config.model
+  dropout = m.dropout if dropout is None else dropout
   return module.ViP(image_size=config.data.image_size, patch_size=m.patch_size,
                     num_classes=10, dim=m.width, num_blocks=m.num_branches,
                     heads=m.num_heads, mlp_dim=m.mlp_dim, depth=m.branch_depth,
-                    dropout=m.dropout, emb_dropout=m.dropout)
+                    dropout=dropout, emb_dropout=dropout)
 
 
 def logits_difference(net, images) -> tuple[float, float]:
@@ -93,13 +96,12 @@ def authors_calls(net, images, labels, lr):
   return full, routine
 
 
-def our_calls(config, images, labels):
-  """(full step, LPA routine) of our trainer's `lpa` step on one device."""
-  model = run_state.build_model(config)
+def our_calls(model, params, training, images, labels):
+  """(full step, LPA routine, [state]) of our trainer's `lpa` step on one device, from
+  `params` and a fresh optimizer state."""
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  tx = optim.make_tx(config.training, 1000)
-  params = model.init(jax.random.key(0), batch['image'][:1])['params']
+  tx = optim.make_tx(training, 1000)
   state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))]
   step = steps.make_train_step(model, mesh, tx, 'lpa')
@@ -114,7 +116,27 @@ def our_calls(config, images, labels):
   def routine():
     run(True)
     full()
-  return full, routine
+  return full, routine, state
+
+
+def routine_difference(repo, config, net, images, labels):
+  """One LPA routine (8 clipped prefix updates, 1 full update; Adam) from the same weights on
+  the same batch, dropout off in both: (share of parameters within 1e-6 of theirs, largest
+  |difference|, largest |change| of a parameter in ours)."""
+  plain = authors_model(repo, config, dropout=0.0)
+  plain.load_state_dict(net.state_dict())
+  weights = {k: v.detach().numpy().copy() for k, v in plain.state_dict().items()}
+  authors_calls(plain, images, labels, config.training.learning_rate)[1]()
+  theirs = authors_weights.to_params({k: v.numpy() for k, v in plain.state_dict().items()})
+  start = authors_weights.to_params(weights)
+  _, routine, state = our_calls(authors_weights.model_for(weights), start, config.training,
+                                images, labels.astype(np.int32))
+  routine()
+  flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+  ours = jax.device_get(state[0].params)
+  diff = np.abs(flat(jax.tree.map(np.subtract, ours, theirs)))
+  change = np.abs(flat(jax.tree.map(np.subtract, ours, start)))
+  return float(np.mean(diff <= 1e-6)), float(diff.max()), float(change.max())
 
 
 def main():
@@ -136,8 +158,11 @@ def main():
   labels = (np.arange(args.batch) % 10).astype(np.int64)
   net = authors_model(args.authors_repo, config)
   diff, scale = logits_difference(net, images)
+  share, after, change = routine_difference(args.authors_repo, config, net, images, labels)
   theirs = authors_calls(net, images, labels, config.training.learning_rate)
-  ours = our_calls(config, images, labels.astype(np.int32))
+  model = run_state.build_model(config)
+  params = model.init(jax.random.key(0), jnp.asarray(images[:1]))['params']
+  ours = our_calls(model, params, config.training, images, labels.astype(np.int32))
   calls = {('theirs', 'step'): theirs[0], ('ours', 'step'): ours[0],
            ('theirs', 'routine'): theirs[1], ('ours', 'routine'): ours[1]}
   times = {k: [] for k in calls}
@@ -154,6 +179,9 @@ def main():
         f'D={config.model.width}; medians of {args.repeats} rounds')
   print(f'their initial weights in our model: logits within {diff:.1e} of theirs '
         f'(largest |logit| {scale:.2f})')
+  print(f'one LPA routine from their weights, dropout off: {100 * share:.3f}% of the '
+        f'parameters within 1e-6 of theirs, all within {after:.1e} (largest change '
+        f'{change:.1e})')
   print('| per minibatch | authors\' PyTorch | ours | ratio |\n|---|---|---|---|')
   for kind, label in (('step', 'one training step (dropout on)'),
                       ('routine', 'the LPA routine (8 clipped prefix updates + 1 full update)')):
