@@ -9,6 +9,7 @@ paraformer_jax/model.py were found (docs/benchmarks.md).
   .venv/bin/python benchmarks/profile_step.py                    # 8x2 training step, batch 64
   .venv/bin/python benchmarks/profile_step.py --dropout=0 --block_style=prenorm
   .venv/bin/python benchmarks/profile_step.py --mode=infer --batch=1
+  .venv/bin/python benchmarks/profile_step.py --matmuls    # the step's matmul shapes, alone
 """
 import argparse
 import collections
@@ -20,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from model_throughput import trainer_step
+from model_throughput import matmul_peak, timed, trainer_step
 from paraformer_jax.model import ParaFormer
 
 
@@ -48,6 +49,21 @@ def op_labels(hlo_text):
   return labels
 
 
+def matmul_shapes(tokens: int):
+  """GFLOP/s of the training step's matmul shapes (D=192, MLP 768, `tokens` rows), each
+  jitted alone: forward x @ W, and the weight gradient x^T @ dy."""
+  print(f'matmul 4096^2 peak: f32 {matmul_peak(jnp.float32):.0f} GFLOP/s')
+  key = jax.random.key(0)
+  for k, n in ((192, 576), (192, 768), (768, 192), (192, 192)):
+    x, w = jax.random.normal(key, (tokens, k)), jax.random.normal(key, (k, n))
+    dy = jax.random.normal(key, (tokens, n))
+    fwd = timed(jax.jit(lambda a, b: a @ b), x, w, repeats=20)
+    grad = timed(jax.jit(lambda a, b: a.T @ b), x, dy, repeats=20)
+    flop = 2 * tokens * k * n
+    print(f'{tokens}x{k} @ {k}x{n}: {flop / fwd / 1e9:.0f} GFLOP/s; weight gradient '
+          f'{k}x{tokens} @ {tokens}x{n}: {flop / grad / 1e9:.0f} GFLOP/s')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--mode', default='train', choices=['train', 'infer'])
@@ -59,7 +75,11 @@ def main():
   parser.add_argument('--top', type=int, default=25)
   parser.add_argument('--block_style', default='reference', choices=['prenorm', 'reference'])
   parser.add_argument('--dropout', type=float, default=0.1)
+  parser.add_argument('--matmuls', action='store_true',
+                      help="time the 8x2 step's matmul shapes alone instead, against the peak")
   args = parser.parse_args()
+  if args.matmuls:
+    return matmul_shapes(args.batch * 65)
 
   model = ParaFormer(num_classes=10, num_branches=args.branches, branch_depth=args.depth,
                      branch_strategy=args.strategy, block_style=args.block_style,
