@@ -7,8 +7,7 @@ and bias-free qkv, so the same weights give the same logits (`tests/authors_weig
 against a numpy transcription of their forward; `benchmarks/authors_pytorch.py` against
 their code itself).
 
-  import torch
-  state = {k: v.numpy() for k, v in torch.load(path, map_location='cpu').items()}
+  state = authors_weights.load_state(path)  # {name: numpy array}; .t7/.pt need torch, .npz not
   params = authors_weights.to_params(state)
   model = authors_weights.model_for(state, num_classes=10)   # reference style, cls pooling
   logits = model.apply({'params': params}, images)           # images NHWC, as ours
