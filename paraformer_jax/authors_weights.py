@@ -157,9 +157,7 @@ def write_workdir(config, state: Mapping[str, np.ndarray], out: str) -> float:
   """A workdir at `out` holding their weights as step 0's checkpoint; returns the model's
   validation accuracy (the checkpoint's metric)."""
   check_config(config, state)
-  storage.check_access(out, '--out')
-  if storage.path(out).exists():
-    raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
+  train.check_new_workdir(out)
   return train.write_params_workdir(config, out, to_params(state), 0,
                                     'paraformer_jax.authors_weights')
 

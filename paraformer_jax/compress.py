@@ -69,9 +69,7 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
              step=None):
   """Writes the first-k (after `select`) model to `out`; returns the report as a dict."""
   train.check_sources(config, workdir)
-  storage.check_access(out, '--out')
-  if storage.path(out).exists():
-    raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
+  train.check_new_workdir(out)
   trainer = train.Trainer(config, workdir, create=False)
   step = trainer.ckpts.best_or_latest_step() if step is None else step
   if step is None:

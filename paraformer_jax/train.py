@@ -459,9 +459,16 @@ def check_sources(config, workdir: str):
       storage.check_access(path, what)
 
 
+def check_new_workdir(out: str):
+  """Refuses an --out that exists or whose bucket cannot be reached, before any work."""
+  storage.check_access(out, '--out')
+  if storage.path(out).exists():
+    raise FileExistsError(f'--out={out} exists; pick a new directory (nothing is overwritten).')
+
+
 def write_params_workdir(config, out, params, step: int, written_by: str,
                          val_accuracy: float | None = None):
-  """A new workdir holding `params` as its checkpoint at `step`: config.json and a
+  """A new workdir (see check_new_workdir) holding `params` as its checkpoint at `step`: config.json and a
   self-contained config.py (for --config=OUT/config.py), so that --mode=eval, compress and
   config.init_from take it like a trained run's. The checkpoint's metric is `val_accuracy`,
   or the model's accuracy on the validation split when not given."""
