@@ -10,10 +10,10 @@ minibatch:
     i = 0..7 with `clip_grad_norm_(1.0)` after each backward, then the full step.
 First, the same weights: their model's initial weights loaded into ours
 (`paraformer_jax.authors_weights`) must give their logits, and after one LPA routine from
-them on the same batch (dropout off, so both are deterministic) the same parameters. The four calls are timed
-round-robin (each round runs them all once), so a busy shared
-machine slows all of them alike; medians over `--repeats` rounds after one warm-up round
-(which compiles ours).
+them on the same batch (dropout off, so both are deterministic) the same parameters. The
+four calls are timed round-robin (each round runs them all once), so a busy shared machine
+slows all of them alike; medians over `--repeats` rounds after one warm-up round (which
+compiles ours).
 
 The authors' code is not ours to ship: pass a checkout of github.com/DUAT-Maker/
 Shallow-Paraformer (models/ParaFormer.py is imported from it; we measured commit 7aa4532).

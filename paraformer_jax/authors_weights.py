@@ -119,10 +119,11 @@ def to_params(state: Mapping[str, np.ndarray]) -> dict:
 def load_state(path: str) -> dict:
   """Their state_dict as {name: numpy array}, from an .npz or a torch checkpoint (local or
   gs://). DataParallel's 'module.' prefix is dropped."""
-  if not storage.path(path).exists():
+  file = storage.path(path)
+  if not file.exists():
     raise FileNotFoundError(f'--weights={path} does not exist: pass the file their training '
                             'saved (net.state_dict()), or an .npz of its arrays.')
-  data = storage.path(path).read_bytes()
+  data = file.read_bytes()
   if path.endswith('.npz'):
     state = dict(np.load(io.BytesIO(data)))
   else:

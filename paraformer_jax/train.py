@@ -468,10 +468,10 @@ def check_new_workdir(out: str):
 
 def write_params_workdir(config, out, params, step: int, written_by: str,
                          val_accuracy: float | None = None):
-  """A new workdir (see check_new_workdir) holding `params` as its checkpoint at `step`: config.json and a
-  self-contained config.py (for --config=OUT/config.py), so that --mode=eval, compress and
-  config.init_from take it like a trained run's. The checkpoint's metric is `val_accuracy`,
-  or the model's accuracy on the validation split when not given."""
+  """A new workdir (see check_new_workdir) holding `params` as its checkpoint at `step`:
+  config.json and a self-contained config.py (for --config=OUT/config.py), so that
+  --mode=eval, compress and config.init_from take it like a trained run's. The checkpoint's
+  metric is `val_accuracy`, or the model's accuracy on the validation split when not given."""
   out = storage.path(out)
   out.mkdir(parents=True)
   as_json = config.to_json_best_effort(indent=1)
