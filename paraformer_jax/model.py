@@ -60,8 +60,7 @@ class Attention(nn.Module):
   """Multi-head self-attention; qkv without bias, as in the authors' code.
 
   The qkv kernel is one [D, 3, heads, head_dim] parameter with nn.DenseGeneral's name, layout
-  and initial values, applied by `project_qkv`, whose derivative is cheaper than the one
-  autodiff would give.
+  and initial values, applied by `project_qkv`.
   """
   num_heads: int
   dropout: float
@@ -87,34 +86,12 @@ class Attention(nn.Module):
     return Dropout(self.dropout)(y.reshape(b, t, -1), deterministic, noise)
 
 
-@jax.custom_jvp
 def project_qkv(x, kernel):
   """(q, k, v), each [batch, heads, tokens, head_dim], from x [batch, tokens, D] and the
-  [D, 3, heads, head_dim] kernel: one matmul.
-
-  Its derivative (below) is three products, one per output. Differentiating the one
-  matmul instead makes the backward pass pad the q, k, v gradients back into one
-  [tokens, 3 x inner] array and transpose it for the weight gradient: about a fifth of a
-  training step on a CPU. Three products in the forward pass would be slower at batch 1
-  (docs/benchmarks.md). A JVP rule, unlike a VJP rule, leaves the transposition, and with
-  it the sums over shard_map axes, to JAX.
-  """
-  qkv = _rows_matmul(x, kernel)
+  [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`."""
+  qkv = flat(x) @ kernel.reshape(kernel.shape[0], -1)
+  qkv = qkv.reshape(*x.shape[:-1], *kernel.shape[1:])
   return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
-def _rows_matmul(x, kernel):
-  """x [batch, tokens, D] times kernel [D, ...], as a matmul on `flat(x)`."""
-  y = flat(x) @ kernel.reshape(kernel.shape[0], -1)
-  return y.reshape(*x.shape[:-1], *kernel.shape[1:])
-
-
-@project_qkv.defjvp
-def _project_qkv_jvp(primals, tangents):
-  (x, kernel), (dx, dkernel) = primals, tangents
-  each = lambda a, w: [_rows_matmul(a, w[:, i]).transpose(0, 2, 1, 3) for i in range(3)]
-  return project_qkv(x, kernel), tuple(
-      u + v for u, v in zip(each(dx, kernel), each(x, dkernel)))
 
 
 def _dense_general_init(key, shape, dtype=jnp.float32):
