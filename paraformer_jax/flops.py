@@ -8,14 +8,15 @@ def forward_flops(model: ParaFormer, image_size: int, channels: int = 3,
 
   By default every block counts in full (the figure the issues quote, 0.973 GFLOP for the
   32 px 8x2 model). `executed=True` counts what runs: under cls pooling a branch's last block
-  computes qkv for every token but attention, projection and MLP for the cls token only.
+  computes keys and values for every token but the query, attention, projection and MLP for
+  the cls token only.
   """
   patches = (image_size // model.patch_size) ** 2
   tokens = patches + 1
   d, inner = model.width, model.num_heads * HEAD_DIM
   qkv, rest = 2 * d * 3 * inner, 2 * inner * d + 2 * 2 * d * model.mlp_dim
   full_block = tokens * (qkv + rest) + 2 * 2 * tokens ** 2 * inner
-  cls_block = tokens * qkv + 2 * 2 * tokens * inner + rest
+  cls_block = tokens * qkv * 2 // 3 + qkv // 3 + 2 * 2 * tokens * inner + rest
   last = cls_block if executed and model.pool == 'cls' else full_block
   blocks = model.num_branches * ((model.branch_depth - 1) * full_block + last)
   embed = patches * 2 * model.patch_size ** 2 * channels * d

@@ -76,7 +76,7 @@ class Attention(nn.Module):
     if qkv is None:
       kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), self.torch_init,
                          name='qkv')()
-      qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype))
+      qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype), num_queries)
     q, k, v = qkv
     y = _attention(q[:, :, :num_queries], k, v, self.platform)
     b, _, t, _ = y.shape  # [batch, heads, tokens, head_dim]; rows for `flat`'s reason:
@@ -86,12 +86,17 @@ class Attention(nn.Module):
     return Dropout(self.dropout)(y.reshape(b, t, -1), deterministic, noise)
 
 
-def project_qkv(x, kernel):
+def project_qkv(x, kernel, num_queries=None):
   """(q, k, v), each [batch, heads, tokens, head_dim], from x [batch, tokens, D] and the
-  [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`."""
-  qkv = flat(x) @ kernel.reshape(kernel.shape[0], -1)
-  qkv = qkv.reshape(*x.shape[:-1], *kernel.shape[1:])
-  return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+  [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`. With `num_queries`, q only for
+  the first tokens: two matmuls, q's on those tokens' rows alone."""
+  def project(x, kernel):
+    y = flat(x) @ kernel.reshape(kernel.shape[0], -1)
+    y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
+    return tuple(y[:, :, i].transpose(0, 2, 1, 3) for i in range(kernel.shape[1]))
+  if num_queries is None:
+    return project(x, kernel)
+  return project(x[:, :num_queries], kernel[:, :1]) + project(x, kernel[:, 1:])
 
 
 def _dense_general_init(key, shape, dtype=jnp.float32):
