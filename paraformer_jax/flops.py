@@ -9,7 +9,8 @@ def forward_flops(model: ParaFormer, image_size: int, channels: int = 3,
   By default every block counts in full (the figure the issues quote, 0.973 GFLOP for the
   32 px 8x2 model). `executed=True` counts what runs: under cls pooling a branch's last block
   computes keys and values for every token but the query, attention, projection and MLP for
-  the cls token only.
+  the cls token only (the query for every token below `model.SPLIT_QUERY_ROWS` rows per
+  batch, not counted here).
   """
   patches = (image_size // model.patch_size) ** 2
   tokens = patches + 1

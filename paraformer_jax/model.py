@@ -86,15 +86,22 @@ class Attention(nn.Module):
     return Dropout(self.dropout)(y.reshape(b, t, -1), deterministic, noise)
 
 
+# Measured on a 2-core CPU, 8x2 model, 65 tokens (docs/benchmarks.md, session 10): the split
+# made batch-1 inference 7% slower, batch 4 the same, batch 16 5% and the batch-64 training
+# step 5-8% faster.
+SPLIT_QUERY_ROWS = 256
+
+
 def project_qkv(x, kernel, num_queries=None):
   """(q, k, v), each [batch, heads, tokens, head_dim], from x [batch, tokens, D] and the
-  [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`. With `num_queries`, q only for
-  the first tokens: two matmuls, q's on those tokens' rows alone."""
+  [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`. With `num_queries`, from
+  `SPLIT_QUERY_ROWS` rows of x up, q only for the first tokens: two matmuls, q's on those
+  tokens' rows alone (smaller, one more op's overhead)."""
   def project(x, kernel):
     y = flat(x) @ kernel.reshape(kernel.shape[0], -1)
     y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
     return tuple(y[:, :, i].transpose(0, 2, 1, 3) for i in range(kernel.shape[1]))
-  if num_queries is None:
+  if num_queries is None or x.shape[0] * x.shape[1] < SPLIT_QUERY_ROWS:
     return project(x, kernel)
   return project(x[:, :num_queries], kernel[:, :1]) + project(x, kernel[:, 1:])
 

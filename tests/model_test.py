@@ -43,7 +43,7 @@ def _np_block(x, p, style):
 
 @pytest.mark.parametrize('scale', [1.0, 1e-3], ids=['unit', 'low_variance'])
 @pytest.mark.parametrize('style', ['prenorm', 'reference'])
-def test_block_matches_numpy(style, scale):
+def test_block_matches_numpy(style, scale, monkeypatch):
   """Low-variance tokens (var ~1e-6) make LayerNorm's epsilon matter: 1e-5 and 1e-6 then
   give outputs apart by far more than the tolerance."""
   block = Block(num_heads=2, mlp_dim=32, dropout=0.0, style=style, dtype=jnp.float32)
@@ -52,9 +52,12 @@ def test_block_matches_numpy(style, scale):
   got = block.apply({'params': params}, x, True)
   want = _np_block(x.astype(np.float64), params, style)
   np.testing.assert_allclose(got, want, atol=2e-5)
-  # A branch's last block under cls pooling computes the cls token's row only.
-  cls_only = block.apply({'params': params}, x, True, cls_only=True)
-  np.testing.assert_allclose(cls_only, want[:, :1], atol=2e-5)
+  # A branch's last block under cls pooling computes the cls token's row only, its query
+  # projection in one matmul with keys and values or, from SPLIT_QUERY_ROWS rows, apart.
+  for split_rows in (10**9, 0):
+    monkeypatch.setattr(model_lib, 'SPLIT_QUERY_ROWS', split_rows)
+    cls_only = block.apply({'params': params}, x, True, cls_only=True)
+    np.testing.assert_allclose(cls_only, want[:, :1], atol=2e-5)
 
 
 def test_vmapped_stack_equals_loop_over_branches(small_model, small_params, images):
