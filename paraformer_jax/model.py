@@ -42,9 +42,9 @@ def flat(x):
 
   The weight gradient of a dense layer applied to [batch, tokens, D] contracts two axes,
   which XLA:CPU lays out by first copying the activations or the output gradient into
-  transposed order: in the 8x2 training step's profile those copies took about a sixth of
-  the time. Contracting one axis, the matmul reads its operand transposed in place: the
-  step ran 1.12x faster (docs/benchmarks.md, session 10).
+  transposed order: in the 8x2 training step's profile those copies took about a tenth of
+  the op time. Contracting one axis, the matmul reads its operand transposed in place: the
+  step ran 1.10-1.11x faster (docs/benchmarks.md, session 10).
   """
   return x.reshape(-1, x.shape[-1])
 
