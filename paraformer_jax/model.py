@@ -38,7 +38,7 @@ def torch_bias_init(fan_in: int):
 
 
 def flat(x):
-  """[..., D] -> [rows, D], the input every dense layer here gets.
+  """[..., D] -> [rows, D], the input of every dense layer in a block.
 
   The weight gradient of a dense layer applied to [batch, tokens, D] contracts two axes,
   which XLA:CPU lays out by first copying the activations or the output gradient into
