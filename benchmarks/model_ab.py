@@ -54,6 +54,7 @@ def calls_for(module, args, images, batch):
       state[0], _ = step(state[0], batch)
       return state[0].params
     calls[f'train dropout {dropout:g}'] = train
+  # Inference is deterministic: the last model built (dropout 0.1) stands for both.
   infer = jax.jit(lambda p, x: model.apply({'params': p}, x))
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']  # the steps donate
   calls['infer b1'] = lambda: infer(params, images[:1])
