@@ -20,6 +20,8 @@ Shallow-Paraformer (models/ParaFormer.py is imported from it; we measured commit
 Needs `pip install torch einops` next to this project's requirements.
 
   .venv/bin/python benchmarks/authors_pytorch.py --authors_repo=PATH [--repeats=10]
+Under tcmalloc, as docs/benchmarks.md recommends on CPU (both frameworks share the process):
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python ...
 """
 import argparse
 import importlib.util
@@ -34,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
 from paraformer_jax import authors_weights, optim, run_state, sharding, steps  # noqa: E402
 
@@ -176,7 +179,7 @@ def main():
   print(f'torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} '
         f'({jax.default_backend()}); batch {args.batch}, {size} px, dropout '
         f'{config.model.dropout}, {config.model.num_branches}x{config.model.branch_depth}, '
-        f'D={config.model.width}; medians of {args.repeats} rounds')
+        f'D={config.model.width}; medians of {args.repeats} rounds; malloc: {loaded_allocator()}')
   print(f'their initial weights in our model: logits within {diff:.1e} of theirs '
         f'(largest |logit| {scale:.2f})')
   print(f'one LPA routine from their weights, dropout off: {100 * share:.3f}% of the '

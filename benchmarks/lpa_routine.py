@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
 from paraformer_jax import optim, run_state, sharding, steps  # noqa: E402
 
@@ -52,7 +53,7 @@ def main():
     run_s[lpa_pass] = statistics.median(times)
     compile_s[lpa_pass] = first - run_s[lpa_pass]
   print(f'{jax.default_backend()}, batch {args.batch}, dropout {model.dropout}, '
-        f'{model.num_branches}x{model.branch_depth}, D={model.width}')
+        f'{model.num_branches}x{model.branch_depth}, D={model.width}, malloc: {loaded_allocator()}')
   print(f'compile: LPA pass step {compile_s[True]:.1f} s, full step {compile_s[False]:.1f} s')
   print(f'LPA pass step {run_s[True]:.3f} s, full step {run_s[False]:.3f} s: the routine is '
         f'{(run_s[True] + run_s[False]) / run_s[False]:.2f} full steps; '

@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+from allocators import loaded_allocator
 
 from paraformer_jax import optim, sharding, steps
 from paraformer_jax.flops import forward_flops
@@ -113,7 +114,8 @@ def main():
   dtype = jnp.dtype(args.dtype)
 
   print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), '
-        f'{args.image_size}px patch {args.patch_size}, batch {args.batch}, compute {args.dtype}')
+        f'{args.image_size}px patch {args.patch_size}, batch {args.batch}, compute {args.dtype}, '
+        f'malloc: {loaded_allocator()}')
   peak = {d: matmul_peak(jnp.dtype(d)) for d in ('float32', 'bfloat16')}
   print(f'matmul 4096^2 peak: f32 {peak["float32"]:.0f} GFLOP/s, '
         f'bf16 {peak["bfloat16"]:.0f} GFLOP/s')
