@@ -20,8 +20,9 @@ Shallow-Paraformer (models/ParaFormer.py is imported from it; we measured commit
 Needs `pip install torch einops` next to this project's requirements.
 
   .venv/bin/python benchmarks/authors_pytorch.py --authors_repo=PATH [--repeats=10]
-Under tcmalloc, as docs/benchmarks.md recommends on CPU (both frameworks share the process):
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python ...
+Under tcmalloc, as the README recommends on a CPU (both frameworks share the process's malloc):
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0 \
+      .venv/bin/python benchmarks/authors_pytorch.py ...
 """
 import argparse
 import importlib.util
