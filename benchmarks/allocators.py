@@ -40,9 +40,12 @@ VARIANTS = {
 
 
 def loaded_allocator() -> str:
-  """Which of LIBRARIES this process has loaded ('glibc' if none)."""
-  with open('/proc/self/maps') as f:
-    maps = f.read()
+  """Which of LIBRARIES this process has loaded: 'glibc' if none, 'unknown' without /proc."""
+  try:
+    with open('/proc/self/maps') as f:
+      maps = f.read()
+  except OSError:  # not Linux
+    return 'unknown'
   return next((name for name in LIBRARIES if f'lib{name}' in maps), 'glibc')
 
 
@@ -149,6 +152,7 @@ def main():
   for a in allocators[1:]:
     print(f'{a} against glibc: ' + ', '.join(
         f'{name} {medians["glibc", name] / medians[a, name]:.2f}x' for name in names))
+
 
 if __name__ == '__main__':
   main()
