@@ -8,8 +8,8 @@ so each measurement is a child process, started with LD_PRELOAD set to the libra
 for glibc); the allocators take turns (`--rounds`) so that a busy machine slows all alike.
 Each child times the trainer's own `lpa` step (steps.make_train_step) in the paper's setting
 (`configs/cifar10.py:32px`: 8x2, reference style, batch 64, Adam): the full step at dropout
-0 and at the config's 0.1, and the LPA pass step; calls round-robin after a warm-up call
-each. It counts the minor page faults per call (memory the kernel had to map in) and times
+0 and at the config's 0.1, and the LPA pass step; calls round-robin after two warm-up
+rounds. It counts the minor page faults per call (memory the kernel had to map in) and times
 the three compiles.
 
   .venv/bin/python benchmarks/allocators.py [--rounds=2] [--steps=5] [--allocators=...]
@@ -56,35 +56,29 @@ def child(library: str, steps: int):
   import jax
   import jax.numpy as jnp
   from configs import cifar10
-  from paraformer_jax import optim, run_state, sharding
-  from paraformer_jax import steps as steps_lib
+  from model_throughput import trainer_step
+  from paraformer_jax import run_state
   config = cifar10.get_config('32px')
   images = jax.random.normal(jax.random.key(0), (64, 32, 32, 3))
   batch = {'image': images, 'label': jnp.arange(64) % 10}
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  tx = optim.make_tx(config.training, 1000)
-  calls, state, compile_s = {}, {}, 0.0
+  calls, compile_s = {}, 0.0
   for dropout in (0.0, config.model.dropout):
     with config.unlocked():
       config.model.dropout = dropout
-    model = run_state.build_model(config)
-    params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-    state[dropout] = steps_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.init(tx, params),
-        rng=jax.random.PRNGKey(0))
-    step = steps_lib.make_train_step(model, mesh, tx, 'lpa')
-    passes = (False, True) if dropout else (False,)
-    for lpa_pass in passes:
+    step, state = trainer_step(run_state.build_model(config), images, mode='lpa',
+                               training=config.training)
+    for lpa_pass in ((False, True) if dropout else (False,)):
       start = time.perf_counter()
-      step.lower(state[dropout], batch, lpa_pass=lpa_pass).compile()
+      step.lower(state[0], batch, lpa_pass=lpa_pass).compile()
       compile_s += time.perf_counter() - start
 
-      def call(step=step, dropout=dropout, lpa_pass=lpa_pass):
-        state[dropout], metrics = step(state[dropout], batch, lpa_pass=lpa_pass)
+      def call(step=step, state=state, lpa_pass=lpa_pass):
+        state[0], metrics = step(state[0], batch, lpa_pass=lpa_pass)
         jax.block_until_ready(metrics)
       calls[f'{"LPA pass" if lpa_pass else "full step"}, dropout {dropout:g}'] = call
-  for call in calls.values():
-    call()  # warm up (compiles the jitted step)
+  for _ in range(2):  # warm up: the state a pass step returns makes the full step compile again
+    for call in calls.values():
+      call()
   times = {name: [] for name in calls}
   faults = dict.fromkeys(calls, 0)
   for _ in range(steps):

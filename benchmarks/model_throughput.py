@@ -60,17 +60,18 @@ def matmul_peak(dtype, n=4096, repeats=5):
   return 2 * n ** 3 / timed(mm, a, b, repeats=repeats) / 1e9
 
 
-def trainer_step(model, images, lr=1e-4):
+def trainer_step(model, images, lr=1e-4, mode='joint', training=None):
   """(step, [state]) for images of this shape: the trainer's own step (steps.make_train_step,
-  mode 'joint', the trainer's Adam from optim.make_tx with a cosine schedule, the model's
-  dropout) on one device, and its initial TrainState. `call()` below threads the donated
-  state through repeats."""
+  `mode`, the model's dropout) on one device, and its initial TrainState. The optimizer is
+  `training`'s (a config's `training` block) or else the trainer's Adam at `lr` with a cosine
+  schedule. `call()` below threads the donated state through repeats."""
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-  training = ml_collections.ConfigDict({'learning_rate': lr, 'schedule': 'cosine',
-                                        'optimizer': 'adam'})
+  if training is None:
+    training = ml_collections.ConfigDict({'learning_rate': lr, 'schedule': 'cosine',
+                                          'optimizer': 'adam'})
   tx = optim.make_tx(training, steps_per_stage=1000)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  step = steps.make_train_step(model, mesh, tx, 'joint')
+  step = steps.make_train_step(model, mesh, tx, mode)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
   return step, [state]
