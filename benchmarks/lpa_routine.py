@@ -20,7 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
-from paraformer_jax import optim, run_state, sharding, steps  # noqa: E402
+from model_throughput import trainer_step  # noqa: E402
+from paraformer_jax import run_state  # noqa: E402
 
 
 def main():
@@ -32,12 +33,7 @@ def main():
   model = run_state.build_model(config)
   batch = {'image': jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3)),
            'label': jnp.arange(args.batch) % 10}
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  tx = optim.make_tx(config.training, 1000)
-  params = model.init(jax.random.key(0), batch['image'][:1])['params']
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
-  step = steps.make_train_step(model, mesh, tx, 'lpa')
+  step, [state] = trainer_step(model, batch['image'], mode='lpa', training=config.training)
   compile_s, run_s = {}, {}
   for lpa_pass in (True, False):
     start = time.perf_counter()
