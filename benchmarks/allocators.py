@@ -109,6 +109,9 @@ def main():
   if args.child:
     return child(args.child, args.steps)
   asked = [a for a in args.allocators.split(',') if a != 'glibc']
+  unknown = sorted(set(asked) - set(VARIANTS))
+  if unknown:
+    parser.error(f'--allocators: unknown {", ".join(unknown)}; pick from {", ".join(VARIANTS)}')
   allocators = ['glibc'] + [a for a in asked if os.path.exists(LIBRARIES[VARIANTS[a][0]])]
   print(f'allocators: {", ".join(allocators)} (skipped, not installed: '
         f'{", ".join(sorted(set(asked) - set(allocators))) or "none"})')
