@@ -37,9 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import model_throughput  # noqa: E402
 from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
-from paraformer_jax import authors_weights, optim, run_state, sharding, steps  # noqa: E402
+from paraformer_jax import authors_weights, run_state  # noqa: E402
 
 
 def authors_model(repo: str, config, dropout=None):
@@ -104,11 +105,8 @@ def our_calls(model, params, training, images, labels):
   """(full step, LPA routine, [state]) of our trainer's `lpa` step on one device, from
   `params` and a fresh optimizer state."""
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  tx = optim.make_tx(training, 1000)
-  state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))]
-  step = steps.make_train_step(model, mesh, tx, 'lpa')
+  step, state = model_throughput.trainer_step(model, batch['image'], mode='lpa',
+                                              training=training, params=params)
 
   def run(lpa_pass):
     state[0], metrics = step(state[0], batch, lpa_pass=lpa_pass)

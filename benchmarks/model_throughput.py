@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from allocators import loaded_allocator
 
-from paraformer_jax import optim, sharding, steps
+from paraformer_jax import optim, run_state, sharding, steps
 from paraformer_jax.flops import forward_flops
 from paraformer_jax.model import ParaFormer
 
@@ -60,12 +60,14 @@ def matmul_peak(dtype, n=4096, repeats=5):
   return 2 * n ** 3 / timed(mm, a, b, repeats=repeats) / 1e9
 
 
-def trainer_step(model, images, lr=1e-4, mode='joint', training=None):
+def trainer_step(model, images, lr=1e-4, mode='joint', training=None, params=None):
   """(step, [state]) for images of this shape: the trainer's own step (steps.make_train_step,
-  `mode`, the model's dropout) on one device, and its initial TrainState. The optimizer is
-  `training`'s (a config's `training` block) or else the trainer's Adam at `lr` with a cosine
-  schedule. `call()` below threads the donated state through repeats."""
-  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  `mode`, the model's dropout) on one device, and its initial TrainState over `params` (by
+  default freshly initialized). The optimizer is `training`'s (a config's `training` block) or
+  else the trainer's Adam at `lr` with a cosine schedule. `call()` below threads the donated
+  state through repeats."""
+  if params is None:
+    params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
   if training is None:
     training = ml_collections.ConfigDict({'learning_rate': lr, 'schedule': 'cosine',
                                           'optimizer': 'adam'})
@@ -74,7 +76,8 @@ def trainer_step(model, images, lr=1e-4, mode='joint', training=None):
   step = steps.make_train_step(model, mesh, tx, mode)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
-  return step, [state]
+  # Placed as the trainer places it: an unplaced state's first call compiles the step again.
+  return step, [jax.device_put(state, run_state.state_shardings(state, mesh))]
 
 
 def train_call(model, images):

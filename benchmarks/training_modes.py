@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from configs import cifar10, digits
 from model_throughput import timed
-from paraformer_jax import optim, run_state, sharding, steps, train
+from paraformer_jax import optim, run_state, sharding, steps
 
 CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
 
@@ -28,6 +28,7 @@ def step_runner(model, tx, mode, frozen_keys, batch, lpa_pass=None):
   trained, _ = steps.split_params(params, frozen_keys)
   state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))]
+  state = [jax.device_put(state[0], run_state.state_shardings(state[0], mesh))]  # as placed
   step = steps.make_train_step(model, mesh, tx, mode, frozen_keys)
 
   def run():
