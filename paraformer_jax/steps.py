@@ -103,11 +103,10 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     # Branches 1..i+1 only: a model of i + 1 branches on the first i + 1 parameter slices,
     # the work the authors' forward_step(x, i) does (about half of computing all L prefixes
     # and keeping one, averaged over i). Branch indices, hence dropout masks, are the same.
-    # 'fused' (vmap-based) keeps each prefix's program the size of one branch: 'auto' picks
-    # 'unrolled' on a CPU, and 8 unrolled prefixes took 6x the compile time of the old loop.
-    strategy = 'fused' if model.branch_strategy == 'auto' else model.branch_strategy
-    sub = sharding.sharded_apply(model.clone(num_branches=i + 1, branch_strategy=strategy),
-                                 mesh)
+    # The prefix models run the full model's branch strategy ('auto' decides per prefix
+    # size): on a CPU, 'unrolled' made the LPA pass 14% faster than 'fused' in the paper's
+    # setting, for 1.8x its compile time (docs/benchmarks.md, session 12).
+    sub = sharding.sharded_apply(model.clone(num_branches=i + 1), mesh)
 
     def loss(params, batch, rng):
       sliced = {**params, 'branches': jax.tree.map(lambda a: a[:i + 1], params['branches'])}

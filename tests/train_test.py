@@ -317,11 +317,13 @@ def test_lpa_learning_rate_is_a_function_of_the_minibatch_step(images):
     assert 0 < np.abs(got - was).max() < 3 * 5e-4  # moved, by about lr(1) (Adam: ~lr)
 
 
-def test_lpa_pass_of_prefix_models_equals_the_all_prefix_loop(images):
+@pytest.mark.parametrize('strategy', ['auto', 'unrolled'])  # auto: 'vmap' at this size
+def test_lpa_pass_of_prefix_models_equals_the_all_prefix_loop(images, strategy):
   """One device: update i runs a model of branches 1..i only. Branches sharded over 2
   devices: a loop over the full model's prefix logits. With dropout on, both must give the
   same parameters (same masks: they follow the global branch index)."""
-  model = ParaFormer(num_branches=4, branch_depth=1, dropout=0.1, **SMALL)
+  model = ParaFormer(num_branches=4, branch_depth=1, dropout=0.1, branch_strategy=strategy,
+                     **SMALL)
   params = model.init(jax.random.key(0), images[:1])['params']
   tx = optax.sgd(0.1)  # Adam would turn f32 reordering noise in tiny gradients into lr steps
   batch = {'image': images, 'label': jnp.arange(8) % 10}
