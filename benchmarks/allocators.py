@@ -26,6 +26,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+from paraformer_jax.malloc import loaded_allocator  # noqa: E402
+
 LIBRARIES = {  # the Debian/Ubuntu packages' paths
     'tcmalloc': '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
     'jemalloc': '/usr/lib/x86_64-linux-gnu/libjemalloc.so.2',
@@ -37,16 +39,6 @@ VARIANTS = {
     'tcmalloc-keep': ('tcmalloc', {'TCMALLOC_RELEASE_RATE': '0'}),
     'jemalloc': ('jemalloc', {}),
 }
-
-
-def loaded_allocator() -> str:
-  """Which of LIBRARIES this process has loaded: 'glibc' if none, 'unknown' without /proc."""
-  try:
-    with open('/proc/self/maps') as f:
-      maps = f.read()
-  except OSError:  # not Linux
-    return 'unknown'
-  return next((name for name in LIBRARIES if f'lib{name}' in maps), 'glibc')
 
 
 def child(library: str, steps: int):

@@ -38,9 +38,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import model_throughput  # noqa: E402
-from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
 from paraformer_jax import authors_weights, run_state  # noqa: E402
+from paraformer_jax.malloc import loaded_allocator  # noqa: E402
 
 
 def authors_model(repo: str, config, dropout=None):

@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from allocators import loaded_allocator  # noqa: E402
 from configs import cifar10  # noqa: E402
 from model_throughput import trainer_step  # noqa: E402
 from paraformer_jax import run_state  # noqa: E402
+from paraformer_jax.malloc import loaded_allocator  # noqa: E402
 
 
 def main():

@@ -17,10 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-from allocators import loaded_allocator
 
 from paraformer_jax import optim, run_state, sharding, steps
 from paraformer_jax.flops import forward_flops
+from paraformer_jax.malloc import loaded_allocator
 from paraformer_jax.model import ParaFormer
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from paraformer_jax import (checkpoint, expand, input_pipeline, optim, replay, reporting,
-                            run_state, sharding, steps, storage)
+from paraformer_jax import (checkpoint, expand, input_pipeline, malloc, optim, replay,
+                            reporting, run_state, sharding, steps, storage)
 from paraformer_jax.preemption import Interrupted, Preemption
 from paraformer_jax.model import first_branches, merge_frozen, param_count
 from paraformer_jax.run_state import StagePlan, StateMaker, build_model
@@ -503,6 +503,9 @@ def train_and_evaluate(config, workdir: str):
   trainer.open_for_writing()  # ...before anything is written
   if jax.process_index() == 0:
     save_config(config, workdir, trainer.ckpts.latest_step() is not None)
+  hint = malloc.hint(jax.default_backend(), malloc.loaded_allocator())
+  if hint:
+    logging.info(hint)
   try:
     return trainer.run()
   finally:

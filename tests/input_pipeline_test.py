@@ -6,7 +6,6 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import cifar10, digits, imagenet
 from paraformer_jax import augment, input_pipeline

@@ -14,7 +14,7 @@ import pytest
 from conftest import SMALL, preempt_at
 
 from configs import tiny
-from paraformer_jax import checkpoint, input_pipeline, optim, sharding, steps, train
+from paraformer_jax import checkpoint, input_pipeline, malloc, optim, sharding, steps, train
 from paraformer_jax.model import ParaFormer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,9 @@ def test_main_trains_then_evaluates_like_a_user(data_dir, tmp_path):
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           '--config.training.epochs=1']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env.pop('LD_PRELOAD', None)  # glibc's malloc: the run suggests tcmalloc
   out = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  assert malloc.HINT in out.stderr
   final = json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))
   assert final['count'] == 360 and final['step'] == 13  # 1,257 // 96 steps
   assert [r['branches'] for r in final['prefixes']] == [1, 2, 3, 4]
