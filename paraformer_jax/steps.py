@@ -104,8 +104,8 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     # the work the authors' forward_step(x, i) does (about half of computing all L prefixes
     # and keeping one, averaged over i). Branch indices, hence dropout masks, are the same.
     # The prefix models run the full model's branch strategy ('auto' decides per prefix
-    # size): on a CPU, 'unrolled' made the LPA pass 14% faster than 'fused' in the paper's
-    # setting, for 1.8x its compile time (docs/benchmarks.md, session 12).
+    # size): on a CPU, 'unrolled' made the paper's LPA pass step 1.16x faster than 'fused',
+    # for 1.8x its compile time (docs/benchmarks.md, session 12).
     sub = sharding.sharded_apply(model.clone(num_branches=i + 1), mesh)
 
     def loss(params, batch, rng):
