@@ -26,9 +26,9 @@ def step_runner(model, tx, mode, frozen_keys, batch, lpa_pass=None):
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   params = model.init(jax.random.key(0), batch['image'][:1])['params']
   trained, _ = steps.split_params(params, frozen_keys)
-  state = [steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))]
-  state = [jax.device_put(state[0], run_state.state_shardings(state[0], mesh))]  # as placed
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))
+  state = [jax.device_put(state, run_state.state_shardings(state, mesh))]  # as the trainer
   step = steps.make_train_step(model, mesh, tx, mode, frozen_keys)
 
   def run():
