@@ -264,8 +264,14 @@ class Trainer:
       corrupt.add(batch['mask'])
       batch = self.device_batch(batch)
       lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
+      program = 'LPA pass step' if lpa_pass else 'training step'
+      if clock.first_call(lpa_pass):  # the paper's LPA pass compiles ~45 s on a 2-core CPU
+        logging.info('%scompiling the %s (first call)...', label, program)
       state, metrics = train_step(state, batch, lpa_pass=lpa_pass)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if clock.first_call(lpa_pass):
+        logging.info('%scompiled the %s and ran its first call in %.1f s', label, program,
+                     time.perf_counter() - began)
       step = int(state.step)
       if not all(np.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(
@@ -346,9 +352,13 @@ class _Clock:
     self.since, self.step, self.seen = None, start, set()
     self.step_seconds, self.timed_steps = 0.0, 0
 
+  def first_call(self, program) -> bool:
+    """Whether `program`'s step has not run yet (it compiles on its first call)."""
+    return program not in self.seen
+
   def tick(self, done: int, compiled, seconds: float = 0.0):
     """`seconds`: what step `done` took (input, step, metrics), evaluation not included."""
-    if compiled not in self.seen:  # this step ran a program compiled for it
+    if self.first_call(compiled):  # this step ran a program compiled for it
       self.seen.add(compiled)
       self.since, self.step = time.perf_counter(), done
     else:

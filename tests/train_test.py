@@ -1,5 +1,6 @@
 """The trainer: end to end through main, resume, stagewise freezing, lpa, exact evaluation."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -425,8 +426,10 @@ def test_lpa_pass_clips_the_gradient_and_the_full_pass_does_not(images):
 
 
 @pytest.mark.slow
-def test_lpa_through_the_trainer_alternates_whole_passes(data_dir, tmp_path, monkeypatch):
-  """An lpa epoch: one LPA pass over the split, then one full pass; validation after both."""
+def test_lpa_through_the_trainer_alternates_whole_passes(data_dir, tmp_path, monkeypatch,
+                                                         caplog):
+  """An lpa epoch: one LPA pass over the split, then one full pass; validation after both.
+  Each of the two programs says once that it compiles, before its first call."""
   config = tiny_config(data_dir, epochs=1, mode='lpa')
   config.eval_every_steps = 0  # every epoch
   passes, validated = [], []
@@ -445,11 +448,16 @@ def test_lpa_through_the_trainer_alternates_whole_passes(data_dir, tmp_path, mon
     return real_validate(self, stage, state, writer)
   monkeypatch.setattr(steps, 'make_train_step', make_train_step)
   monkeypatch.setattr(train.Trainer, 'validate_and_save', validate)
-  train.train_and_evaluate(config, str(tmp_path / 'lpa'))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    train.train_and_evaluate(config, str(tmp_path / 'lpa'))
   d = config.data
   spe = len(input_pipeline.split_source(d, d.train_split)) // config.training.batch_size
   assert passes == [True] * spe + [False] * spe
   assert validated == [2 * spe]
+  compiling = [r.getMessage() for r in caplog.records if 'compil' in r.getMessage()]
+  assert [m.split(' (')[0].split(' in ')[0] for m in compiling] == [
+      'compiling the LPA pass step', 'compiled the LPA pass step and ran its first call',
+      'compiling the training step', 'compiled the training step and ran its first call']
 
 
 def test_fused_loss_is_the_mean_of_prefix_losses(images):
