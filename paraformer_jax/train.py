@@ -514,7 +514,7 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     save_config(config, workdir, trainer.ckpts.latest_step() is not None)
   hint = malloc.hint(jax.default_backend(), malloc.loaded_allocator())
-  if hint:
+  if hint and jax.process_index() == 0:
     logging.info(hint)
   try:
     return trainer.run()
