@@ -73,11 +73,16 @@ def trainer_step(model, images, lr=1e-4, mode='joint', training=None, params=Non
                                           'optimizer': 'adam'})
   tx = optim.make_tx(training, steps_per_stage=1000)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  step = steps.make_train_step(model, mesh, tx, mode)
+  return steps.make_train_step(model, mesh, tx, mode), [initial_state(params, tx, mesh)]
+
+
+def initial_state(params, tx, mesh, frozen_keys=()):
+  """A fresh TrainState over `params`, laid out over `mesh` as the trainer lays out its own
+  (run_state.state_shardings): an unplaced state's first call compiles the step again."""
+  trained, _ = steps.split_params(params, frozen_keys)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optim.init(tx, params), rng=jax.random.PRNGKey(0))
-  # Placed as the trainer places it: an unplaced state's first call compiles the step again.
-  return step, [jax.device_put(state, run_state.state_shardings(state, mesh))]
+                           opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))
+  return jax.device_put(state, run_state.state_shardings(state, mesh))
 
 
 def train_call(model, images):

@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 from configs import cifar10, digits
-from model_throughput import timed
+from model_throughput import initial_state, timed
 from paraformer_jax import optim, run_state, sharding, steps
 
 CONFIGS = {'digits': (digits.get_config, 1), 'cifar32': (lambda: cifar10.get_config('32px'), 3)}
@@ -25,10 +25,7 @@ def step_runner(model, tx, mode, frozen_keys, batch, lpa_pass=None):
   """A no-argument function running one train step (state threaded through donation)."""
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   params = model.init(jax.random.key(0), batch['image'][:1])['params']
-  trained, _ = steps.split_params(params, frozen_keys)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optim.init(tx, trained), rng=jax.random.PRNGKey(0))
-  state = [jax.device_put(state, run_state.state_shardings(state, mesh))]  # as the trainer
+  state = [initial_state(params, tx, mesh, frozen_keys)]
   step = steps.make_train_step(model, mesh, tx, mode, frozen_keys)
 
   def run():
