@@ -264,14 +264,15 @@ class Trainer:
       corrupt.add(batch['mask'])
       batch = self.device_batch(batch)
       lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
-      program = 'LPA pass step' if lpa_pass else 'training step'
-      if clock.first_call(lpa_pass):  # the paper's LPA pass compiles ~45 s on a 2-core CPU
+      first, program = clock.first_call(lpa_pass), 'LPA pass step' if lpa_pass else 'training step'
+      if first:  # the paper's LPA pass step compiles ~45 s on a 2-core CPU
         logging.info('%scompiling the %s (first call)...', label, program)
+        called = time.perf_counter()
       state, metrics = train_step(state, batch, lpa_pass=lpa_pass)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if clock.first_call(lpa_pass):
+      if first:
         logging.info('%scompiled the %s and ran its first call in %.1f s', label, program,
-                     time.perf_counter() - began)
+                     time.perf_counter() - called)
       step = int(state.step)
       if not all(np.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(
