@@ -11,6 +11,8 @@ All forward passes run under shard_map (sharding.sharded_apply), on any mesh.
 """
 from __future__ import annotations
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -104,8 +106,8 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     # the work the authors' forward_step(x, i) does (about half of computing all L prefixes
     # and keeping one, averaged over i). Branch indices, hence dropout masks, are the same.
     # The prefix models run the full model's branch strategy ('auto' decides per prefix
-    # size): on a CPU, 'unrolled' made the paper's LPA pass step 1.16x faster than 'fused',
-    # for 1.8x its compile time (docs/benchmarks.md, session 12).
+    # size): on a CPU, 'unrolled' made the paper's LPA pass step 1.16x faster than 'fused'
+    # (docs/benchmarks.md, session 12).
     sub = sharding.sharded_apply(model.clone(num_branches=i + 1), mesh)
 
     def loss(params, batch, rng):
@@ -115,18 +117,17 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     return loss
 
   # Static prefixes need every prefix size to split over the mesh's branch axis; with
-  # branches sharded, the LPA pass keeps one full-model body in a loop (prefix_loss).
+  # branches sharded, the LPA pass runs the full model for every prefix (prefix_loss).
   static_prefixes = mesh.shape['branch'] == 1 and not model.num_frozen_branches
 
-  def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
+  def loss_and_grads(loss_fn, params, batch, rng):
+    """((loss, logits), gradients of the trained parameters)."""
     trained, frozen = split_params(params, frozen_keys)
-    if isinstance(num_present, int):
-      # A static prefix: gradients, Adam and the write-back for branches 1..n only (the
-      # others would get zero gradients and be masked out: the same result, more work).
-      return _update_prefix(trained, frozen, opt_state, batch, rng, loss_fn, clip, step,
-                            num_present)
-    (loss, logits), grads = jax.value_and_grad(
-        lambda t: loss_fn({**frozen, **t}, batch, rng), has_aux=True)(trained)
+    return jax.value_and_grad(lambda t: loss_fn({**frozen, **t}, batch, rng),
+                              has_aux=True)(trained)
+
+  def apply(params, opt_state, batch, loss, logits, grads, clip, step, num_present=None):
+    trained, frozen = split_params(params, frozen_keys)
     if clip:
       grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
     else:
@@ -136,30 +137,30 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}
 
-  def _update_prefix(trained, frozen, opt_state, batch, rng, loss_fn, clip, step, n):
-    head = lambda tree: jax.tree.map(lambda a: a[:n], tree)
-    sliced = {**trained, 'branches': head(trained['branches'])}
-    sliced_state = {**opt_state, 'branches': head(opt_state['branches'])}
-    new, new_state, metrics = update({**frozen, **sliced}, sliced_state, batch, rng, loss_fn,
-                                     clip, step)
-    write = lambda full, part: jax.tree.map(lambda f, p: f.at[:n].set(p), full, part)
-    new['branches'] = write(trained['branches'], new['branches'])
-    new_state = {**new_state, 'branches': write(opt_state['branches'], new_state['branches'])}
-    return new, new_state, metrics
+  def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
+    (loss, logits), grads = loss_and_grads(loss_fn, params, batch, rng)
+    return apply(params, opt_state, batch, loss, logits, grads, clip, step, num_present)
 
   def step(state, batch, lpa_pass=False):
     rng = jax.random.fold_in(state.rng, state.step)
     params, opt_state = state.params, state.opt_state
-    if mode == 'lpa' and lpa_pass and static_prefixes:
-      for i in range(num_branches):  # unrolled: prefix i has its own static shapes
-        params, opt_state, metrics = update(params, opt_state, batch,
-                                            jax.random.fold_in(rng, i), prefix_only_loss(i),
-                                            clip=True, step=state.step, num_present=i + 1)
-    elif mode == 'lpa' and lpa_pass:
+    if mode == 'lpa' and lpa_pass:
+      # A loop over i with one copy of the clipping and Adam. Static prefixes: `lax.switch`
+      # runs prefix model i's forward and backward pass (branches 1..i only); otherwise the
+      # full model's prefix i. Gradients of the branches after i are zero, and `num_present`
+      # keeps them out of the update.
+      if static_prefixes:
+        prefix_grads = [functools.partial(loss_and_grads, prefix_only_loss(i))
+                        for i in range(num_branches)]
+        grads_of = lambda i, *args: jax.lax.switch(i, prefix_grads, *args)
+      else:
+        grads_of = lambda i, *args: loss_and_grads(prefix_loss(i), *args)
+
       def one(i, carry):
         params, opt_state, _ = carry
-        return update(params, opt_state, batch, jax.random.fold_in(rng, i), prefix_loss(i),
-                      clip=True, step=state.step, num_present=i + 1)
+        (loss, logits), grads = grads_of(i, params, batch, jax.random.fold_in(rng, i))
+        return apply(params, opt_state, batch, loss, logits, grads, clip=True,
+                     step=state.step, num_present=i + 1)
       metrics = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'accuracy', 'grad_norm')}
       params, opt_state, metrics = jax.lax.fori_loop(0, num_branches, one,
                                                      (params, opt_state, metrics))
