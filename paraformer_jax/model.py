@@ -165,10 +165,8 @@ class Dropout(nn.Module):
       noise = (self.make_rng('dropout'), jnp.arange(x.shape[0]), None)
     key, rows, branch = noise
     # The layer's name, not Flax's call counter: the same in every branch strategy.
-    key = jax.random.fold_in(key, zlib.crc32('/'.join(self.scope.path).encode()) & 0x7FFFFFFF)
-    if branch is not None:
-      key = jax.random.fold_in(key, branch)
-    keep, keep_prob = keep_mask(key, rows, self.rate, x.shape[1:])
+    layer = zlib.crc32('/'.join(self.scope.path).encode())
+    keep, keep_prob = keep_mask(key, rows, self.rate, x.shape[1:], layer, branch)
     return jnp.where(keep, x / keep_prob, 0).astype(x.dtype)
 
 
@@ -183,32 +181,35 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
-def keep_mask(key, rows, rate: float, shape):
-  """(mask [rows, *shape], keep probability): row r's mask from fold_in(key, r).
+def keep_mask(key, rows, rate: float, shape, layer: int = 0, branch=None):
+  """(mask [rows, *shape], keep probability): row r's mask from the key, `layer` (a 32-bit
+  constant) and `branch` (None, or a scalar index, possibly traced).
 
-  Row r's key (threefry's fold_in, one per row) seeds a counter-based hash: word i of the
-  row is mix(mix(i ^ k0) ^ k1) for the key's two words k0, k1, and each word gives two
-  16-bit draws, compared with round(rate x 65536). Threefry for every word (20 rounds per
-  pair of words) made dropout 11% of the paper's 8x2 training step on a CPU; the two
-  rounds of mixing cost a fraction of that (docs/benchmarks.md). Rows, branches, layers
-  and steps keep independent masks: each has its own threefry-derived key. The rate is
-  quantized to 1/65536 (0.1 -> 0.100006); dividing by the exact keep probability keeps the
-  expectation unchanged.
+  The key (threefry's, one per step and LPA update) gives two 32-bit words; each becomes
+  one word of row r's seed by a chain of mixes: mix(mix(mix(word ^ layer) ^ branch) ^ r).
+  Every link is a bijection, so distinct rows of one layer and branch never share a seed.
+  The seed (s0, s1) drives a counter-based hash: word i of the row is mix(mix(i ^ s0) ^ s1),
+  and each word gives two 16-bit draws, compared with round(rate x 65536).
+  Threefry for every word (20 rounds per pair of words) made dropout 11% of the paper's 8x2
+  training step on a CPU; the two rounds of mixing cost a fraction of that (docs/
+  benchmarks.md). Threefry per row and layer (its fold_in) ran fast, but JAX lowers it on a
+  CPU to a loop: 3 per dropout layer were 507 loops in the 8x2 LPA pass step and about a
+  third of its compile time. The rate is quantized to 1/65536 (0.1 -> 0.100006); dividing
+  by the exact keep probability keeps the expectation unchanged.
   """
   threshold = round(rate * DROPOUT_LEVELS)
   n = math.prod(shape)
   counter = jnp.arange(-(-n // 2), dtype=jnp.uint32)
-
-  def row_mask(row):
-    k = jax.random.fold_in(key, row)
-    if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
-      k = jax.random.key_data(k)
-    k = k.reshape(-1)
-    words = _mix32(_mix32(counter ^ k[0]) ^ k[1])
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n]
-    return draws.reshape(shape) >= threshold
-
-  return jax.vmap(row_mask)(rows), 1.0 - threshold / DROPOUT_LEVELS
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = key.reshape(-1)[:2].astype(jnp.uint32)
+  branch = jnp.uint32(0) if branch is None else jnp.asarray(branch).astype(jnp.uint32)
+  rows = jnp.asarray(rows).astype(jnp.uint32)
+  s0, s1 = _mix32(_mix32(_mix32(words ^ jnp.uint32(layer)) ^ branch)[:, None, None]
+                  ^ rows[:, None])  # each [rows, 1]
+  draws = jax.lax.bitcast_convert_type(_mix32(_mix32(counter ^ s0) ^ s1), jnp.uint16)
+  keep = draws.reshape(len(rows), -1)[:, :n].reshape(len(rows), *shape) >= threshold
+  return keep, 1.0 - threshold / DROPOUT_LEVELS
 
 
 def gelu(x):

@@ -395,7 +395,8 @@ def test_dropout_mask_bits_are_balanced_and_uncorrelated():
   """At rate 1/2 every mask element is one draw's top bit: over 64 rows of 4,001 elements
   (an odd count: the last word's second draw is cut) the bits are balanced, and neither
   neighbours in a row (lag 1: the two draws of one word; lag 2: adjacent words), nor rows
-  next to each other, nor the same row under two keys agree more than chance."""
+  next to each other, nor the same row under two keys, in two layers or in two branches agree
+  more than chance."""
   key, rows = jax.random.key(0), jnp.arange(64)
   bits = np.asarray(model_lib.keep_mask(key, rows, 0.5, (4001,))[0], np.float64)
   centred = 2 * bits - 1  # +-1: the mean of a product is a correlation
@@ -404,19 +405,22 @@ def test_dropout_mask_bits_are_balanced_and_uncorrelated():
   for lag in (1, 2, 3):
     assert abs((centred[:, lag:] * centred[:, :-lag]).mean()) < bound(centred[:, lag:].size)
   assert abs((centred[1:] * centred[:-1]).mean()) < bound(centred[1:].size)
-  other = 2 * np.asarray(model_lib.keep_mask(jax.random.key(1), rows, 0.5, (4001,))[0],
-                         np.float64) - 1
-  assert abs((centred * other).mean()) < bound(centred.size)
+  # The same rows under another key, in another layer, in another branch.
+  for other_key, layer, branch in ((jax.random.key(1), 0, None), (key, 1, None), (key, 0, 1)):
+    other = 2 * np.asarray(model_lib.keep_mask(other_key, rows, 0.5, (4001,), layer, branch)[0],
+                           np.float64) - 1
+    assert abs((centred * other).mean()) < bound(centred.size)
 
 
 def test_frozen_branches_run_without_dropout(images):
-  """2 frozen + 2 trained branches derive exactly the mask keys of the 2 trained branches
-  alone (the embedding's and theirs): none for the frozen ones."""
+  """2 frozen + 2 trained branches draw exactly the masks of the 2 trained branches alone
+  (the embedding's and theirs): none for the frozen ones. keep_mask turns its hash words
+  into 16-bit draws with one bitcast per call, so bitcasts count the masks drawn."""
   def bits_drawn(frozen):
     model = ParaFormer(num_branches=2, num_frozen_branches=frozen, branch_depth=1,
                        dropout=0.5, **SMALL)
     params = model.init(jax.random.key(0), images[:1])['params']
     fn = lambda p, k: model.apply({'params': p}, images, True, rngs={'dropout': k})
     return _count_primitive(jax.make_jaxpr(fn)(params, jax.random.key(1)).jaxpr,
-                            'random_fold_in')
+                            'bitcast_convert_type')
   assert bits_drawn(0) > 0 and bits_drawn(2) == bits_drawn(0)
