@@ -8,8 +8,9 @@
 TPU: `pip install 'jax[tpu]==<this jax>'`), for every chip of a slice: shapes, shardings,
 the branch strategy and attention the TPU runs, and an exact per-chip memory figure, set
 against the chip's HBM for a fits / does-not-fit verdict. `--max_batch` also finds the
-largest global batch that fits (a guess from two compiles, then bisection). `--devices=N` compiles for N CPU stand-ins instead: shapes and
-shardings are the real run's, memory is XLA:CPU's. Without either, this machine's devices.
+largest global batch that fits (a guess from two compiles, then bisection). `--devices=N`
+compiles for N CPU stand-ins instead: shapes and shardings are the real run's, memory is
+XLA:CPU's. Without either, this machine's devices.
 
 XLA's FLOP count for a TPU program counts loop bodies once and its 'optimal_seconds' is not
 a time: neither is reported as a step time.

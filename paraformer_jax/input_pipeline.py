@@ -285,10 +285,10 @@ def train_batches(source, data_config, batch_size: int, seed: int, shard=SINGLE)
   (the remainder waits for another pass), so batch b is batch b % per_pass of pass
   b // per_pass. Each example's augmentation draws from (seed, e, its position in the
   pass). The process with `shard` = (index, count) (sharding.data_shard) loads and augments
-  only its batch_size / count rows of each global batch. So the batches, and the training, do not depend on how
-  many processes share the work. Rows: 'image' uint8, 'label', 'mask' (0 for an image that
-  did not decode), and with mixup or cutmix 'mix_lam' and 'mix_box'; `finish` makes the
-  model's input of them.
+  only its batch_size / count rows of each global batch. So the batches, and the training,
+  do not depend on how many processes share the work. Rows: 'image' uint8, 'label', 'mask'
+  (0 for an image that did not decode), and with mixup or cutmix 'mix_lam' and 'mix_box';
+  `finish` makes the model's input of them.
   """
   d = data_config
   prep = Preprocess.from_config(d, image_channels(source))

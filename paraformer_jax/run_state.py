@@ -207,4 +207,4 @@ class StateMaker:
         f'({len(problems)} parameters differ; the checkpoint has {sorted(branches)} trained '
         f'branches, the config model.num_branches={self.config.model.num_branches}):\n  ' +
         '\n  '.join(problems[:5]) + '\nUse the config the checkpoint was trained with (see '
-        f'config.json beside it), or a new --workdir for a different model.')
+        'config.json beside it), or a new --workdir for a different model.')

@@ -338,7 +338,8 @@ def test_reference_style_starts_from_torch_defaults_and_prenorm_from_flax(images
       np.testing.assert_array_equal(a, 1.0 if path.endswith("['scale']") else 0.0)
     else:
       assert path in ("['embed']['cls']", "['embed']['pos']"), path
-  assert checked == 2 + 2 * 7 + 2  # patch; per block (branches stacked) qkv, out, fc1, fc2 + biases; head
+  # patch; per block (branches stacked) qkv, out, fc1, fc2 and their biases; head
+  assert checked == 2 + 2 * 7 + 2
   assert 0.7 < np.asarray(params['embed']['pos']).std() < 1.3
   flax_style = ParaFormer(num_branches=2, branch_depth=1, **SMALL).init(
       jax.random.key(0), images[:1])['params']
