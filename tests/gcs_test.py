@@ -154,3 +154,33 @@ def test_metrics_of_a_resumed_run_follow_the_earlier_ones(gcs, tmp_path):
     lines = _bucket(storage.path(workdir) / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{'step': s, 'loss': float(s)}
                                                     for s in (1, 2, 3)]
+
+
+_CACHE_CHILD = '''
+import json
+import jax
+import jax.numpy as jnp
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **_: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
+value = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.arange(16.0).reshape(4, 4))
+print(json.dumps({'value': float(value), 'hits': len(hits)}))
+'''
+
+
+def test_jax_compilation_cache_in_a_bucket_is_written_then_loaded(gcs):
+  """The README's persistent compilation cache with a gs:// directory, as a pod run would
+  set it: JAX writes the compiled program through etils.epath (gcsfs here) and a second
+  process loads it from the bucket instead of compiling."""
+  env = {**os.environ, **ENV, 'JAX_COMPILATION_CACHE_DIR': 'gs://bucket/xla_cache',
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  runs = []
+  for _ in range(2):
+    out = subprocess.run([sys.executable, '-c', _CACHE_CHILD], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs.append(json.loads(out.stdout.splitlines()[-1]))
+  assert runs[0]['hits'] == 0 and runs[1]['hits'] >= 1
+  assert runs[0]['value'] == runs[1]['value']
+  assert [p.name for p in _bucket('gs://bucket/xla_cache').iterdir()
+          if p.name.startswith('jit_')]
