@@ -137,9 +137,9 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     return {**frozen, **trained}, opt_state, {'loss': loss, 'accuracy': acc,
                                               'grad_norm': grad_norm}
 
-  def update(params, opt_state, batch, rng, loss_fn, clip, step, num_present=None):
+  def update(params, opt_state, batch, rng, loss_fn, clip, step):
     (loss, logits), grads = loss_and_grads(loss_fn, params, batch, rng)
-    return apply(params, opt_state, batch, loss, logits, grads, clip, step, num_present)
+    return apply(params, opt_state, batch, loss, logits, grads, clip, step)
 
   def step(state, batch, lpa_pass=False):
     rng = jax.random.fold_in(state.rng, state.step)
