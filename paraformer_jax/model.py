@@ -37,16 +37,28 @@ def torch_bias_init(fan_in: int):
                                                                   bound)
 
 
-def flat(x):
-  """[..., D] -> [rows, D], the input of every dense layer in a block.
+def on_cpu(platform: str | None) -> bool:
+  """Whether a program for devices of `platform` (None: JAX's default backend) runs on XLA:CPU.
+
+  The compile target need not be this host's backend (`aot` compiles for TPU slices here),
+  so every CPU-only choice below asks this of the mesh's platform, never of the host.
+  """
+  return (platform or jax.default_backend()) == 'cpu'
+
+
+def flat(x, platform: str | None):
+  """[..., D] -> [rows, D] on a CPU, the input of every dense layer in a block; x elsewhere.
 
   The weight gradient of a dense layer applied to [batch, tokens, D] contracts two axes,
   which XLA:CPU lays out by first copying the activations or the output gradient into
   transposed order: in the 8x2 training step's profile those copies took about a tenth of
   the op time. Contracting one axis, the matmul reads its operand transposed in place: the
-  step ran 1.10-1.11x faster (docs/benchmarks.md, session 10).
+  step ran 1.10-1.11x faster (docs/benchmarks.md). On a TPU the same reshapes cross tiled
+  layouts (197 tokens are no multiple of 8): with dropout the imagenet step's temporaries on
+  v5e grew 6x (7.0 against 1.2 GiB per chip at batch 64 on v5e:2x2), so other targets keep
+  [batch, tokens, D].
   """
-  return x.reshape(-1, x.shape[-1])
+  return x.reshape(-1, x.shape[-1]) if on_cpu(platform) else x
 
 
 def dense(features, torch_init: bool, fan_in: int, **kwargs):
@@ -76,29 +88,34 @@ class Attention(nn.Module):
     if qkv is None:
       kernel = QkvKernel((x.shape[-1], 3, self.num_heads, HEAD_DIM), self.torch_init,
                          name='qkv')()
-      qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype), num_queries)
+      qkv = project_qkv(x.astype(self.dtype), kernel.astype(self.dtype), num_queries,
+                        self.platform)
     q, k, v = qkv
     y = _attention(q[:, :, :num_queries], k, v, self.platform)
-    b, _, t, _ = y.shape  # [batch, heads, tokens, head_dim]; rows for `flat`'s reason:
-    y = y.transpose(0, 2, 1, 3).reshape(b * t, self.num_heads, HEAD_DIM)
+    b, _, t, _ = y.shape  # [batch, heads, tokens, head_dim]; rows on a CPU, as in `flat`:
+    y = y.transpose(0, 2, 1, 3)
+    if on_cpu(self.platform):
+      y = y.reshape(b * t, self.num_heads, HEAD_DIM)
     y = dense(x.shape[-1], self.torch_init, self.num_heads * HEAD_DIM, axis=(-2, -1),
               dtype=self.dtype, name='out')(y)
-    return Dropout(self.dropout)(y.reshape(b, t, -1), deterministic, noise)
+    return Dropout(self.dropout, self.platform)(y.reshape(b, t, -1), deterministic, noise)
 
 
-# Measured on a 2-core CPU, 8x2 model, 65 tokens (docs/benchmarks.md, session 10): the split
+# Measured on a 2-core CPU, 8x2 model, 65 tokens (docs/benchmarks.md): the split
 # made batch-1 inference 7% slower, batch 4 the same, batch 16 5% and the batch-64 training
 # step 5-8% faster.
 SPLIT_QUERY_ROWS = 256
 
 
-def project_qkv(x, kernel, num_queries=None):
+def project_qkv(x, kernel, num_queries=None, platform=None):
   """(q, k, v), each [batch, heads, tokens, head_dim], from x [batch, tokens, D] and the
   [D, 3, heads, head_dim] kernel: one matmul on `flat(x)`. With `num_queries`, from
   `SPLIT_QUERY_ROWS` rows of x up, q only for the first tokens: two matmuls, q's on those
   tokens' rows alone (smaller, one more op's overhead)."""
   def project(x, kernel):
-    y = flat(x) @ kernel.reshape(kernel.shape[0], -1)
+    if not on_cpu(platform):
+      return tuple(jnp.einsum('btd,dnh->bnth', x, kernel[:, i]) for i in range(kernel.shape[1]))
+    y = flat(x, platform) @ kernel.reshape(kernel.shape[0], -1)
     y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
     return tuple(y[:, :, i].transpose(0, 2, 1, 3) for i in range(kernel.shape[1]))
   if num_queries is None or x.shape[0] * x.shape[1] < SPLIT_QUERY_ROWS:
@@ -133,7 +150,7 @@ def _attention(q, k, v, platform=None):
   (docs/benchmarks.md, "Where the time goes"), so the CPU takes that path. The named scopes
   show in the compiled program which path was taken.
   """
-  if (platform or jax.default_backend()) != 'cpu':
+  if not on_cpu(platform):
     with jax.named_scope('attention_dot_product'):
       t = lambda a: a.transpose(0, 2, 1, 3)  # it wants [b, tokens, heads, h]
       return t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
@@ -154,8 +171,12 @@ class Dropout(nn.Module):
   (a block used on its own): the 'dropout' key, rows 0..batch-1, no branch. The key is
   passed in rather than drawn here because Flax's lifted scan and vmap derive different keys
   for the same layer.
+
+  The mask is drawn in the form that suits the target (`platform`): the same bits either way
+  (`keep_mask`).
   """
   rate: float
+  platform: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool, noise=None):
@@ -166,7 +187,8 @@ class Dropout(nn.Module):
     key, rows, branch = noise
     # The layer's name, not Flax's call counter: the same in every branch strategy.
     layer = zlib.crc32('/'.join(self.scope.path).encode())
-    keep, keep_prob = keep_mask(key, rows, self.rate, x.shape[1:], layer, branch)
+    keep, keep_prob = keep_mask(key, rows, self.rate, x.shape[1:], layer, branch,
+                                elementwise=not on_cpu(self.platform))
     return jnp.where(keep, x / keep_prob, 0).astype(x.dtype)
 
 
@@ -181,7 +203,8 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
-def keep_mask(key, rows, rate: float, shape, layer: int = 0, branch=None):
+def keep_mask(key, rows, rate: float, shape, layer: int = 0, branch=None,
+              elementwise: bool = False):
   """(mask [rows, *shape], keep probability): row r's mask from the key, `layer` (a 32-bit
   constant) and `branch` (None, or a scalar index, possibly traced).
 
@@ -198,8 +221,6 @@ def keep_mask(key, rows, rate: float, shape, layer: int = 0, branch=None):
   by the exact keep probability keeps the expectation unchanged.
   """
   threshold = round(rate * DROPOUT_LEVELS)
-  n = math.prod(shape)
-  counter = jnp.arange(-(-n // 2), dtype=jnp.uint32)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   words = key.reshape(-1)[:2].astype(jnp.uint32)
@@ -207,6 +228,21 @@ def keep_mask(key, rows, rate: float, shape, layer: int = 0, branch=None):
   rows = jnp.asarray(rows).astype(jnp.uint32)
   s0, s1 = _mix32(_mix32(_mix32(words ^ jnp.uint32(layer)) ^ branch)[:, None, None]
                   ^ rows[:, None])  # each [rows, 1]
+  if elementwise:
+    # The same draws, each element from its own index: element j is half j % 2 of word j // 2
+    # (little-endian, as the bitcast below). No op but elementwise ones on [rows, *shape],
+    # which a TPU fuses into the mask's consumer; the bitcast and reshapes between [rows,
+    # n / 2, 2] and [rows, *shape] cross tiled layouts there, and the words are materialized.
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    full = (len(rows), *shape)
+    j = sum(jax.lax.broadcasted_iota(jnp.uint32, full, i + 1) * jnp.uint32(stride)
+            for i, stride in enumerate(strides))
+    s0, s1 = (s.reshape(len(rows), *[1] * len(shape)) for s in (s0, s1))
+    word = _mix32(_mix32((j >> 1) ^ s0) ^ s1)
+    keep = jnp.where((j & 1) == 1, word >> 16, word & jnp.uint32(0xFFFF)) >= threshold
+    return keep, 1.0 - threshold / DROPOUT_LEVELS
+  n = math.prod(shape)
+  counter = jnp.arange(-(-n // 2), dtype=jnp.uint32)
   draws = jax.lax.bitcast_convert_type(_mix32(_mix32(counter ^ s0) ^ s1), jnp.uint16)
   keep = draws.reshape(len(rows), -1)[:, :n].reshape(len(rows), *shape) >= threshold
   return keep, 1.0 - threshold / DROPOUT_LEVELS
@@ -227,17 +263,18 @@ class Mlp(nn.Module):
   dropout: float
   dtype: Any
   torch_init: bool = False
+  platform: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool, hidden_only: bool = False, noise=None):
     """`hidden_only`: stop before fc2 (the fused branch stack applies it to all branches)."""
-    shape = x.shape
-    y = dense(self.mlp_dim, self.torch_init, shape[-1], dtype=self.dtype, name='fc1')(flat(x))
-    y = Dropout(self.dropout)(gelu(y).reshape(*shape[:-1], -1), deterministic, noise)
+    shape, p = x.shape, self.platform
+    y = dense(self.mlp_dim, self.torch_init, shape[-1], dtype=self.dtype, name='fc1')(flat(x, p))
+    y = Dropout(self.dropout, p)(gelu(y).reshape(*shape[:-1], -1), deterministic, noise)
     if hidden_only:
       return y
-    y = dense(shape[-1], self.torch_init, self.mlp_dim, dtype=self.dtype, name='fc2')(flat(y))
-    return Dropout(self.dropout)(y.reshape(shape), deterministic, noise)
+    y = dense(shape[-1], self.torch_init, self.mlp_dim, dtype=self.dtype, name='fc2')(flat(y, p))
+    return Dropout(self.dropout, p)(y.reshape(shape), deterministic, noise)
 
 
 class Block(nn.Module):
@@ -279,8 +316,13 @@ class Block(nn.Module):
     x = y + (h if self.style == 'reference' else x)
     h = nn.LayerNorm(LN_EPSILON[self.style], dtype=self.dtype, name='norm2')(x)
     residual = h if self.style == 'reference' else x
-    y = Mlp(self.mlp_dim, self.dropout, self.dtype, self.torch_init, name='mlp')(
-        h, deterministic, defer_fc2, noise)
+    # Off the CPU with dropout, the MLP keeps only its matmuls' outputs for the backward pass
+    # and recomputes the rest (GELU, the masks) there: the imagenet step on v5e:4x4 needs
+    # 1.96 GiB of temporaries per chip with it, 2.38 without (docs/benchmarks.md).
+    mlp = Mlp if on_cpu(self.platform) or not self.dropout else nn.remat(
+        Mlp, static_argnums=(2, 3), policy=jax.checkpoint_policies.dots_saveable)
+    y = mlp(self.mlp_dim, self.dropout, self.dtype, self.torch_init, self.platform,
+            name='mlp')(h, deterministic, defer_fc2, noise)
     return (residual, y) if defer_fc2 else y + residual
 
 
@@ -418,7 +460,7 @@ class BranchStack(nn.Module):
 
 # Above this size of one branch's MLP activations, 'auto' on CPU runs branches strictly one
 # at a time ('scan'): in an unrolled program XLA:CPU's concurrency-minded scheduler overlaps
-# branches, and memory grows towards that of 'vmap' (docs/benchmarks.md, issue 6).
+# branches, and memory grows towards that of 'vmap' (docs/benchmarks.md).
 SCAN_ABOVE_BYTES = 32 * 2**20
 
 
@@ -432,7 +474,7 @@ def auto_strategy(local_branches: int, tokens_per_branch: int, bytes_per_mlp_row
   """
   if local_branches == 1:
     return 'unrolled'  # one branch: a plain program, no batch axis of size 1
-  if (platform or jax.default_backend()) != 'cpu':
+  if not on_cpu(platform):
     return 'fused'
   if tokens_per_branch < 256:
     return 'vmap'  # ~ batch 1-3: one batched op beats a row of tiny ones
@@ -448,6 +490,7 @@ class PatchEmbed(nn.Module):
   dropout: float
   torch_init: bool
   dtype: Any
+  platform: str | None = None
 
   @nn.compact
   def __call__(self, images, deterministic: bool, noise=None):
@@ -465,7 +508,7 @@ class PatchEmbed(nn.Module):
     pos = self.param('pos', init, (1, x.shape[1] + 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
     x = x + pos.astype(x.dtype)
-    return Dropout(self.dropout)(x, deterministic, noise)
+    return Dropout(self.dropout, self.platform)(x, deterministic, noise)
 
 
 class Head(nn.Module):
@@ -549,7 +592,8 @@ class ParaFormer(nn.Module):
       raise ValueError(f'param_init={self.param_init!r}; choose one of {INITS}.')
     torch = self.param_init == 'torch' or (self.param_init == 'auto' and
                                            self.block_style == 'reference')
-    self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, torch, self.dtype)
+    self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, torch, self.dtype,
+                            self.platform)
     stack = lambda n: BranchStack(n, self.branch_depth, self.num_heads, self.mlp_dim,
                                   self.dropout, self.block_style, self.pool, self.dtype,
                                   self.branch_strategy, self.platform, torch)

@@ -425,3 +425,39 @@ def test_frozen_branches_run_without_dropout(images):
     return _count_primitive(jax.make_jaxpr(fn)(params, jax.random.key(1)).jaxpr,
                             'bitcast_convert_type')
   assert bits_drawn(0) > 0 and bits_drawn(2) == bits_drawn(0)
+
+
+@pytest.mark.parametrize('shape', [(7,), (5, 3), (3, 5, 7)], ids=['1d', '2d_odd', '3d'])
+def test_elementwise_masks_are_the_packed_masks_bit_for_bit(shape):
+  """The TPU's form of the mask (each element from its index) against the CPU's (a word per
+  two elements, bitcast): the same bits, odd sizes (a last half-word) included."""
+  key, rows = jax.random.key(3), jnp.arange(6) + 11
+  for layer, branch in ((0, None), (12345, 2)):
+    packed = model_lib.keep_mask(key, rows, 0.3, shape, layer, branch)
+    elementwise = model_lib.keep_mask(key, rows, 0.3, shape, layer, branch, elementwise=True)
+    assert packed[1] == elementwise[1]
+    np.testing.assert_array_equal(np.asarray(packed[0]), np.asarray(elementwise[0]))
+
+
+def test_the_accelerator_program_computes_what_the_cpus_does(images):
+  """The model built for a TPU or GPU mesh (`platform='tpu'`: [batch, tokens, D] dense inputs,
+  one einsum per q, k and v, elementwise masks, the MLP recomputed in the backward pass,
+  `dot_product_attention`), run here on the CPU, against the CPU's: the same parameter tree,
+  and with dropout on the same logits and gradients (so the same masks)."""
+  kwargs = dict(num_branches=2, branch_depth=1, dropout=0.2, branch_strategy='vmap', **SMALL)
+  cpu, tpu = ParaFormer(platform='cpu', **kwargs), ParaFormer(platform='tpu', **kwargs)
+  params = cpu.init(jax.random.key(0), images[:1])['params']
+  assert (jax.tree.structure(tpu.init(jax.random.key(0), images[:1])['params']) ==
+          jax.tree.structure(params))
+  labels = jnp.arange(len(images)) % 10
+
+  def loss_and_grads(model):
+    def loss(p):
+      logits = model.apply({'params': p}, images, True, rngs={'dropout': jax.random.key(1)})
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_cpu, grads_cpu), (loss_tpu, grads_tpu) = loss_and_grads(cpu), loss_and_grads(tpu)
+  np.testing.assert_allclose(loss_tpu, loss_cpu, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads_tpu, grads_cpu)
