@@ -12,11 +12,18 @@ largest global batch that fits (a guess from two compiles, then bisection). `--d
 compiles for N CPU stand-ins instead: shapes and shardings are the real run's, memory is
 XLA:CPU's. Without either, this machine's devices.
 
-XLA's FLOP count for a TPU program counts loop bodies once and its 'optimal_seconds' is not
-a time: neither is reported as a step time.
+A program that needs more than the chip has gets a DOES NOT FIT verdict with the bytes
+needed and available (libtpu refuses to compile it), not a traceback, and exit status 1.
+
+For a TPU target it also prints a roofline: the FLOPs the program executes and the bytes it
+moves per device (XLA's cost analysis), each against the chip's peak (`CHIPS`), and the lower
+bound on step time they imply. It is an estimate, never a measured time; XLA counts a loop's
+body once, so a program with loops is said to be undercounted.
 """
+import dataclasses
 import importlib.util
 import os
+import re
 import sys
 
 from absl import flags
@@ -24,9 +31,27 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
-# HBM per chip (GiB), by the device_kind JAX reports (Cloud TPU documentation).
-CHIP_HBM_GIB = {'TPU v2': 16, 'TPU v3': 32, 'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95,
-                'TPU v6 lite': 32, 'TPU7x': 192}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_gib: float  # HBM capacity per chip
+  bf16_tflops: float | None  # peak dense bf16 matmul rate per chip
+  hbm_gbps: float | None  # HBM bandwidth per chip, GB/s
+
+
+# By the device_kind JAX reports; figures per chip from the Cloud TPU system architecture
+# pages (cloud.google.com/tpu/docs/v2, v3, v4, v5e, v5p, v6e; read 2026-12-02). A chip whose
+# peak rates are not listed there gets a memory verdict only.
+CHIPS = {
+    'TPU v2': Chip(16, 45, 600),
+    'TPU v3': Chip(32, 123, 900),
+    'TPU v4': Chip(32, 275, 1200),
+    'TPU v5 lite': Chip(16, 197, 819),  # v5e
+    'TPU v5': Chip(95, 459, 2765),  # v5p
+    'TPU v6 lite': Chip(32, 918, 1640),  # v6e (Trillium)
+    'TPU7x': Chip(192, None, None),
+}
 TOPOLOGY_EXAMPLES = 'v5e:2x2, v5e:4x4, v4:2x2x1, v4:2x2x2, v5p:2x2x1, v6e:2x2'
 
 
@@ -61,15 +86,41 @@ def tpu_devices(topology: str):
                      f'chips per host, e.g. {TOPOLOGY_EXAMPLES}.') from e
 
 
-def chip_hbm_bytes(devices, topology: str) -> int | None:
-  """HBM of one device: the chip's, shared by the devices (cores) on it."""
-  gib = CHIP_HBM_GIB.get(devices[0].device_kind)
-  if gib is None:
-    return None
+def devices_per_chip(devices, topology: str) -> int:
   chips = 1
   for n in topology.split(':')[-1].split('x'):
     chips *= int(n)
-  return gib * 2**30 * chips // len(devices)
+  return len(devices) // chips
+
+
+def chip_hbm_bytes(devices, topology: str) -> int | None:
+  """HBM of one device: the chip's, shared by the devices (cores) on it."""
+  chip = CHIPS.get(devices[0].device_kind)
+  if chip is None:
+    return None
+  return int(chip.hbm_gib * 2**30) // devices_per_chip(devices, topology)
+
+
+# libtpu's refusal of a program bigger than the chip, e.g. "RESOURCE_EXHAUSTED: Ran out of
+# memory in memory space hbm. ... the total memory required for HLO temporaries (27.95G)
+# exceeds available HBM (15.75G)". Sizes as XLA writes them: binary units.
+_OUT_OF_MEMORY = re.compile(
+    r'\(([\d.]+)([KMGT]?)\) exceeds (?:the )?available [^(]*\(([\d.]+)([KMGT]?)\)')
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def out_of_memory(error: Exception) -> dict | None:
+  """{'needed_bytes', 'available_bytes' (None where the message gives none), 'message'} if
+  `error` is the compiler's RESOURCE_EXHAUSTED, else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  line = next((l for l in text.splitlines() if 'RESOURCE_EXHAUSTED' in l), text).strip()
+  match = _OUT_OF_MEMORY.search(text)
+  size = lambda value, unit: int(float(value) * _UNITS[unit])
+  return {'needed_bytes': size(*match.group(1, 2)) if match else None,
+          'available_bytes': size(*match.group(3, 4)) if match else None,
+          'message': line[:300]}
 
 
 def compile_train_step(config, channels: int = 3, devices=None, batch: int | None = None):
@@ -104,23 +155,55 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
   lpa_pass = config.training.mode == 'lpa'  # its LPA step is the heaviest
   lowered = step.lower(state, {'image': images, 'label': labels, 'mask': mask},
                        lpa_pass=lpa_pass)
-  compiled = lowered.compile()
+  figures = {'mesh': dict(mesh.shape), 'devices': mesh.size, 'stage': stage, 'batch': batch,
+             'platform': mesh.devices.flat[0].platform,
+             'device_kind': mesh.devices.flat[0].device_kind}
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
+    return {**figures, 'out_of_memory': oom, 'peak_bytes': oom['needed_bytes']}
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  hlo = compiled.as_text() or ''
   return {
-      'mesh': dict(mesh.shape), 'devices': mesh.size, 'stage': stage, 'batch': batch,
-      'platform': mesh.devices.flat[0].platform, 'device_kind': mesh.devices.flat[0].device_kind,
+      **figures, 'out_of_memory': None,
       'argument_bytes': memory.argument_size_in_bytes,
       'output_bytes': memory.output_size_in_bytes,
       'alias_bytes': memory.alias_size_in_bytes,
       'temp_bytes': memory.temp_size_in_bytes,
       'peak_bytes': peak,
       'flops': float(cost.get('flops', float('nan'))) if cost else float('nan'),
+      'bytes_accessed': float(cost.get('bytes accessed', float('nan'))) if cost else float('nan'),
+      # Loops in the compiled program: XLA's cost analysis counts each body once.
+      'loops': len(re.findall(r'\bwhile\(', hlo)),
       'program': lowered.as_text(debug_info=True),
   }
+
+
+def fits(result, capacity: int) -> bool:
+  """Whether a compiled step (or one the compiler refused) fits `capacity` bytes per device."""
+  if result['out_of_memory'] is not None:
+    return False
+  return result['peak_bytes'] <= capacity
+
+
+def roofline(result, chip: Chip, per_chip: int) -> dict | None:
+  """Lower bounds on the step time from the program's FLOPs and bytes per device against
+  the device's share of the chip's peak rates; None where the chip's rates are unknown."""
+  if chip.bf16_tflops is None or chip.hbm_gbps is None:
+    return None
+  compute = result['flops'] / (chip.bf16_tflops * 1e12 / per_chip)
+  memory = result['bytes_accessed'] / (chip.hbm_gbps * 1e9 / per_chip)
+  return {'compute_s': compute, 'memory_s': memory, 'bound_s': max(compute, memory),
+          'bound_by': 'compute (FLOP/s)' if compute >= memory else 'memory (HBM bandwidth)',
+          'intensity': result['flops'] / result['bytes_accessed'],
+          'ridge': chip.bf16_tflops * 1e12 / (chip.hbm_gbps * 1e9)}
 
 
 MAX_BATCH_PER_DEVICE = 2**16  # a search bound (tiny models fit millions): "at least this"
@@ -140,29 +223,70 @@ def largest_batch(config, capacity: int, channels: int = 3, devices=None, log=pr
   bound = MAX_BATCH_PER_DEVICE * unit
   results = {}
 
-  def fits(batch):
+  def fits_at(batch):
     if batch not in results:
       results[batch] = compile_train_step(config, channels, devices, batch)
-      log(f'  batch {batch}: peak {results[batch]["peak_bytes"] / 2**30:.3f} GiB per device')
-    return results[batch]['peak_bytes'] <= capacity
+      log(f'  batch {batch}: {memory_line(results[batch])}')
+    return fits(results[batch], capacity)
 
   def to_unit(b):
     return min(max(int(b) // unit * unit, unit), bound)
 
-  fits(unit), fits(4 * unit)
-  slope = max((results[4 * unit]['peak_bytes'] - results[unit]['peak_bytes']) / (3 * unit), 1)
-  guess = to_unit(unit + (capacity - results[unit]['peak_bytes']) / slope)
-  lo, hi = (guess, None) if fits(guess) else (None, guess)
+  fits_at(unit), fits_at(4 * unit)
+  # A refused compile may not say how much it needed: then it counts as twice the capacity.
+  peak = lambda b: results[b]['peak_bytes'] or 2 * capacity
+  slope = max((peak(4 * unit) - peak(unit)) / (3 * unit), 1)
+  guess = to_unit(unit + (capacity - peak(unit)) / slope)
+  lo, hi = (guess, None) if fits_at(guess) else (None, guess)
   while hi is None and lo < bound:  # grow until a batch does not fit
-    lo, hi = (to_unit(2 * lo), None) if fits(to_unit(2 * lo)) else (lo, to_unit(2 * lo))
+    lo, hi = (to_unit(2 * lo), None) if fits_at(to_unit(2 * lo)) else (lo, to_unit(2 * lo))
   while lo is None:  # shrink until one fits
     if hi == unit:
       return 0, results[unit]
-    lo, hi = (to_unit(hi // 2), hi) if fits(to_unit(hi // 2)) else (None, to_unit(hi // 2))
+    lo, hi = (to_unit(hi // 2), hi) if fits_at(to_unit(hi // 2)) else (None, to_unit(hi // 2))
   while hi is not None and hi - lo > unit:
     mid = to_unit((lo + hi) // 2)
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
   return lo, results[lo]
+
+
+def gib(n) -> str:
+  return 'unknown' if n is None else f'{n / 2**30:.3f} GiB'
+
+
+def memory_line(result) -> str:
+  """Per-device memory of a compiled step, or what the compiler said it needed."""
+  oom = result['out_of_memory']
+  if oom is not None:
+    return (f'refused by the compiler: needs {gib(oom["needed_bytes"])} of temporaries, '
+            f'{gib(oom["available_bytes"])} available')
+  return (f'arguments {gib(result["argument_bytes"])}, outputs {gib(result["output_bytes"])} '
+          f'({gib(result["alias_bytes"])} of them reusing donated arguments), temporaries '
+          f'{gib(result["temp_bytes"])}; peak {gib(result["peak_bytes"])}')
+
+
+def roofline_lines(result, chip: Chip, per_chip: int) -> list[str]:
+  bound = roofline(result, chip, per_chip)
+  if bound is None:
+    return [f'roofline: peak rates of {result["device_kind"]} unknown.']
+  lines = [
+      f'roofline per device (an estimate, not a measured time): '
+      f'{result["flops"]:.3e} FLOPs at {chip.bf16_tflops / per_chip:g} TFLOP/s bf16 peak = '
+      f'{1e3 * bound["compute_s"]:.2f} ms; {result["bytes_accessed"]:.3e} bytes at '
+      f'{chip.hbm_gbps / per_chip:g} GB/s = {1e3 * bound["memory_s"]:.2f} ms',
+      f'  step time >= {1e3 * bound["bound_s"]:.2f} ms, bound by {bound["bound_by"]}: '
+      f'{bound["intensity"]:.0f} FLOPs per byte against the chip\'s ridge of '
+      f'{bound["ridge"]:.0f}']
+  if result['loops']:
+    lines.append(f'  the program has {result["loops"]} loop(s), whose bodies XLA counts once: '
+                 f'FLOPs, bytes and the bound are undercounts')
+  return lines
+
+
+def does_not_fit_hint(config) -> str:
+  return (f'try a smaller --config.training.batch_size (now {config.training.batch_size}; '
+          f'--max_batch finds the largest that fits), a larger slice, or more devices on the '
+          f'branch axis (--config.mesh.branch, now {config.mesh.branch}).')
 
 
 def main(argv):
@@ -172,13 +296,10 @@ def main(argv):
   config = cli.config()
   devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None
   result = compile_train_step(config, FLAGS.channels, devices)
-  gib = lambda b: f'{b / 2**30:.3f} GiB'
   print(f'compiled one {config.training.mode} train step (stage {result["stage"]}, '
         f'global batch {result["batch"]}) for {result["devices"]} x {result["device_kind"]} on '
         f'mesh {result["mesh"]}')
-  print(f'per device: arguments {gib(result["argument_bytes"])}, outputs '
-        f'{gib(result["output_bytes"])} ({gib(result["alias_bytes"])} of them reusing donated '
-        f'arguments), temporaries {gib(result["temp_bytes"])}; peak {gib(result["peak_bytes"])}')
+  print(f'per device: {memory_line(result)}')
   if not FLAGS.topology:
     print(f'FLOPs per step (per device, XLA estimate): {result["flops"]:.3e}')
     return
@@ -186,16 +307,24 @@ def main(argv):
   if capacity is None:
     print(f'HBM of {result["device_kind"]} unknown: no verdict.')
     return
-  fits = result['peak_bytes'] <= capacity
-  print(f'HBM per device {gib(capacity)}: {"FITS" if fits else "DOES NOT FIT"} '
-        f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
+  if fits(result, capacity):
+    print(f'HBM per device {gib(capacity)}: FITS '
+          f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
+    chip = CHIPS[result['device_kind']]
+    for line in roofline_lines(result, chip, devices_per_chip(devices, FLAGS.topology)):
+      print(line)
+  else:
+    print(f'HBM per device {gib(capacity)}: DOES NOT FIT: {does_not_fit_hint(config)}')
+  verdict = 0 if fits(result, capacity) else 1  # the exit status: scripts can test it
   if FLAGS.max_batch:
     print('searching the largest global batch that fits (one compile per line):')
     batch, best = largest_batch(config, capacity, FLAGS.channels, devices)
     bound = MAX_BATCH_PER_DEVICE * best['mesh']['data']
     print(f'largest global batch that fits: {"at least " if batch == bound else ""}{batch} '
           f'(peak {gib(best["peak_bytes"])} per device)' if batch else
-          'no batch fits: even one example per device on the data axis is too much.')
+          f'no batch fits: DOES NOT FIT even at {best["batch"]} (one example per device on the '
+          f'data axis): {memory_line(best)}')
+  return verdict
 
 
 if __name__ == '__main__':

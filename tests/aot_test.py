@@ -1,6 +1,7 @@
 """The ahead-of-time compile check."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,8 @@ def test_a_tpu_compile_takes_the_tpu_paths_and_measures_per_chip_memory(v5e):
   assert share + batch <= tpu['argument_bytes'] < 4 * (share + batch)
   assert tpu['alias_bytes'] >= share
   assert tpu['peak_bytes'] < aot.chip_hbm_bytes(v5e, 'v5e:2x2')
+  # The roofline's inputs: the step reads every parameter and Adam moment of its share.
+  assert tpu['flops'] > 0 and tpu['bytes_accessed'] >= share
 
 
 def test_chip_memory_is_the_chips_hbm_shared_by_its_devices(v5e):
@@ -91,7 +94,13 @@ def test_the_largest_batch_that_fits_is_found(monkeypatch, capacity):
 
   def fake_compile(config, channels, devices, batch):
     compiles.append(batch)
-    return {'peak_bytes': peak(batch), 'batch': batch, 'mesh': {'data': 2, 'branch': 2}}
+    result = {'peak_bytes': peak(batch), 'batch': batch, 'mesh': {'data': 2, 'branch': 2},
+              'out_of_memory': None, 'argument_bytes': 0, 'output_bytes': 0,
+              'alias_bytes': 0, 'temp_bytes': peak(batch)}
+    if peak(batch) > 2 * capacity:  # refused by the compiler, its message without sizes
+      result.update(out_of_memory={'needed_bytes': None, 'available_bytes': None},
+                    peak_bytes=None)
+    return result
   monkeypatch.setattr(aot, 'compile_train_step', fake_compile)
   batch, result = aot.largest_batch(config, capacity, 1, jax.devices()[:4],
                                     log=lambda line: None)
@@ -114,3 +123,49 @@ def test_bad_topologies_and_a_missing_libtpu_are_explained(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(ImportError, match=rf'pip install "jax\[tpu\]=={jax.__version__}"'):
     aot.tpu_devices('v5e:2x2')
+
+
+def test_the_compilers_refusal_is_read_as_the_bytes_needed_and_available():
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (27.95G) exceeds available HBM (15.75G).')
+  assert aot.out_of_memory(RuntimeError(f'{message}\nmore')) == {
+      'needed_bytes': int(27.95 * 2**30), 'available_bytes': int(15.75 * 2**30),
+      'message': message}
+  assert aot.out_of_memory(RuntimeError('RESOURCE_EXHAUSTED: no sizes'))['needed_bytes'] is None
+  assert aot.out_of_memory(RuntimeError('INVALID_ARGUMENT: a shape')) is None
+
+
+def test_the_roofline_bounds_the_step_by_its_slower_side():
+  v5e = aot.CHIPS['TPU v5 lite']  # 197 TFLOP/s, 819 GB/s
+  result = {'flops': 197e9, 'bytes_accessed': 81.9e6, 'loops': 0, 'device_kind': 'TPU v5 lite'}
+  bound = aot.roofline(result, v5e, per_chip=1)
+  assert bound['compute_s'] == pytest.approx(1e-3) and bound['memory_s'] == pytest.approx(1e-4)
+  assert bound['bound_s'] == bound['compute_s'] and bound['bound_by'].startswith('compute')
+  # Two devices (cores) per chip: each has half the chip's rates.
+  halved = aot.roofline({**result, 'bytes_accessed': 1638e6}, v5e, per_chip=2)
+  assert halved['compute_s'] == pytest.approx(2e-3) and halved['memory_s'] == pytest.approx(4e-3)
+  assert halved['bound_s'] == halved['memory_s'] and halved['bound_by'].startswith('memory')
+  assert halved['intensity'] == pytest.approx(197e9 / 1638e6)
+  assert not any('loop' in line for line in aot.roofline_lines(result, v5e, 1))
+  assert 'undercounts' in aot.roofline_lines({**result, 'loops': 2}, v5e, 1)[-1]
+  assert aot.roofline(result, aot.CHIPS['TPU7x'], 1) is None  # rates unknown: no bound
+
+
+def test_a_step_that_fits_no_batch_gets_does_not_fit_with_its_bytes_not_a_traceback():
+  # 4 branches of MLP 8192 x 65536 with their Adam moments: ~50 GiB, on a 16 GiB v5e chip.
+  env = dict(os.environ, XLA_FLAGS='')
+  out = subprocess.run(
+      [sys.executable, '-m', 'paraformer_jax.aot', '--config=configs/tiny.py',
+       '--topology=v5e:2x2', '--config.model.width=8192', '--config.model.num_heads=128',
+       '--config.model.mlp_dim=65536', '--max_batch'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  needed = re.findall(r'refused by the compiler: needs ([\d.]+) GiB of temporaries, '
+                      r'15\.750 GiB available', out.stdout)
+  # Batches 96, 4, 16, and 4 again in the verdict.
+  assert len(needed) == 4 and all(float(n) > 40 for n in needed), out.stdout
+  assert ('HBM per device 16.000 GiB: DOES NOT FIT: try a smaller --config.training.batch_size '
+          '(now 96; --max_batch finds the largest that fits)') in out.stdout
+  # --max_batch took the refusals as "too big" and stopped at one example per device.
+  assert 'no batch fits: DOES NOT FIT even at 4 (one example per device' in out.stdout
