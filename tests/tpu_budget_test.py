@@ -1,0 +1,108 @@
+"""Per-chip memory budgets of real training steps on the TPU compiler (libtpu; no TPU needed).
+
+A change that makes a TPU step keep more in HBM fails here, before it reaches a pod: the
+suite's other TPU compiles use the tiny config, whose programs are too small to show it. The
+budgets are libtpu's temporaries per chip at the pinned libtpu (requirements-test.txt). A
+change that lowers one fails too, with the new figure to record, so that every budget stays
+tight enough to catch the next regression.
+
+Each compile takes ~35 s on a 2-core machine. They run in a process of their own, started
+when this module is collected (conftest.py), so that they overlap with the rest of the suite.
+
+Not here: the paper's 32 px `lpa` pass step (configs/cifar10.py:32px), whose TPU compile took
+354 s and 6.5 GB of host memory on the 2-core CI machine, too long for the suite; its figure
+is in docs/benchmarks.md, from `python -m paraformer_jax.aot --config=configs/cifar10.py:32px
+--topology=v5e:2x2`.
+
+  .venv/bin/python tests/tpu_budget_test.py  # each program's figures, as JSON
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (config[:variant], overrides, topology, global batch (None: the config's),
+#        budget: temporaries per chip in bytes).
+PROGRAMS = {
+    # The headline run's step at a batch that compiles quickly: 16 examples per chip.
+    'imagenet lpa_fused, batch 64, v5e:2x2': ('imagenet', {}, 'v5e:2x2', 64, 609_417_216),
+    # The paper's model (reference blocks, float32) in its joint step.
+    'cifar10:32px joint, batch 500, v5e:2x2': ('cifar10:32px', {'training.mode': 'joint'},
+                                               'v5e:2x2', None, 881_556_992),
+}
+TOLERANCE = 0.10  # libtpu's layouts pad in steps: a few percent is noise, 10% is not
+TIMEOUT_S = 600
+
+
+def measure(name):
+  """The figures of PROGRAMS[name], compiled in this process."""
+  import importlib
+
+  from paraformer_jax import aot
+  config_name, overrides, topology, batch, _ = PROGRAMS[name]
+  module, _, variant = config_name.partition(':')
+  get_config = importlib.import_module(f'configs.{module}').get_config
+  config = get_config(variant) if variant else get_config()
+  for key, value in overrides.items():
+    config.update_from_flattened_dict({key: value})
+  start = time.perf_counter()
+  result = aot.compile_train_step(config, 3, aot.tpu_devices(topology), batch)
+  return {'temp_bytes': result.get('temp_bytes'), 'out_of_memory': result['out_of_memory'],
+          'compile_s': round(time.perf_counter() - start, 1)}
+
+
+_compiles = {}
+
+
+def start_compiles():
+  """Starts this file as a program, in the background: it writes every program's figures."""
+  if 'process' not in _compiles:
+    out = os.path.join(tempfile.mkdtemp(), 'budgets.json')
+    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+    _compiles.update(out=out, process=subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), out], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return _compiles
+
+
+@pytest.fixture(scope='module')
+def figures():
+  compiles = start_compiles()
+  try:
+    output, _ = compiles['process'].communicate(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    compiles['process'].kill()
+    pytest.fail(f'the TPU compiles took over {TIMEOUT_S} s')
+  assert compiles['process'].returncode == 0, output[-5000:]
+  with open(compiles['out']) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_the_tpu_steps_temporaries_per_chip_are_held_to_its_budget(figures, name):
+  budget, got = PROGRAMS[name][-1], figures[name]
+  assert got['out_of_memory'] is None, f'{name}: {got["out_of_memory"]["message"]}'
+  gib = lambda n: f'{n / 2**30:.3f} GiB ({n:_} bytes)'
+  assert got['temp_bytes'] <= (1 + TOLERANCE) * budget, (
+      f'{name}: the TPU step needs {gib(got["temp_bytes"])} of temporaries per chip, '
+      f'{100 * (got["temp_bytes"] / budget - 1):.0f}% over its budget of {gib(budget)}: '
+      f'a change made the TPU program keep more (compare with `python -m paraformer_jax.aot` '
+      f'at the last commit that passed)')
+  assert got['temp_bytes'] >= (1 - TOLERANCE) * budget, (
+      f'{name}: {gib(got["temp_bytes"])} of temporaries per chip, '
+      f'{100 * (1 - got["temp_bytes"] / budget):.0f}% under its budget of {gib(budget)}: '
+      f'an improvement; record {got["temp_bytes"]:_} as its budget in PROGRAMS')
+
+
+if __name__ == '__main__':
+  results = {name: measure(name) for name in PROGRAMS}
+  if len(sys.argv) > 1:
+    with open(sys.argv[1], 'w') as f:
+      json.dump(results, f)
+  print(json.dumps(results, indent=1))
