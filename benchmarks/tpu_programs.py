@@ -4,7 +4,7 @@ roofline (no TPU needed; the table of docs/benchmarks.md).
 Each row is what `python -m paraformer_jax.aot --config=CONFIG --topology=SLICE FLAGS` prints,
 compiled in this process one after another. The roofline is a lower bound on the step time
 from XLA's count of the FLOPs and HBM bytes of the compiled program per device against the
-chip's peak rates (`aot.CHIPS`): an estimate, never a measured time.
+chip's peak rates (`chips.CHIPS`): an estimate, never a measured time.
 
   .venv/bin/python benchmarks/tpu_programs.py            # every row (~20 min on 2 cores)
   .venv/bin/python benchmarks/tpu_programs.py --rows=0,2
@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the TPU, run nothing on it
 
-from paraformer_jax import aot  # noqa: E402
+from paraformer_jax import aot, chips  # noqa: E402
 
 # (config[:variant], slice, overrides as --config flags would give them)
 ROWS = [
@@ -58,7 +58,7 @@ def row(name, topology, overrides):
     cells += ['', f'needs {gib(needed)}' if needed else 'refused', '', gib(capacity),
               'DOES NOT FIT', '', '']
   else:
-    bound = aot.roofline(result, aot.CHIPS[result['device_kind']], per_chip)
+    bound = aot.roofline(result, chips.lookup(result['device_kind']), per_chip)
     loops = f', {result["loops"]} loop(s): undercount' if result['loops'] else ''
     cells += [gib(result['argument_bytes']), gib(result['temp_bytes']),
               gib(result['peak_bytes']), gib(capacity),

@@ -16,11 +16,10 @@ A program that needs more than the chip has gets a DOES NOT FIT verdict with the
 needed and available (libtpu refuses to compile it), not a traceback, and exit status 1.
 
 For a TPU target it also prints a roofline: the FLOPs the program executes and the bytes it
-moves per device (XLA's cost analysis), each against the chip's peak (`CHIPS`), and the lower
-bound on step time they imply. It is an estimate, never a measured time; XLA counts a loop's
-body once, so a program with loops is said to be undercounted.
+moves per device (XLA's cost analysis), each against the chip's peak (`chips.CHIPS`), and
+the lower bound on step time they imply. It is an estimate, never a measured time; XLA
+counts a loop's body once, so a program with loops is said to be undercounted.
 """
-import dataclasses
 import importlib.util
 import os
 import re
@@ -29,29 +28,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from paraformer_jax.chips import Chip, lookup
+
 FLAGS = flags.FLAGS
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_gib: float  # HBM capacity per chip
-  bf16_tflops: float | None  # peak dense bf16 matmul rate per chip
-  hbm_gbps: float | None  # HBM bandwidth per chip, GB/s
-
-
-# By the device_kind JAX reports; figures per chip from the Cloud TPU system architecture
-# pages (cloud.google.com/tpu/docs/v2, v3, v4, v5e, v5p, v6e; read 2026-12-02). A chip whose
-# peak rates are not listed there gets a memory verdict only.
-CHIPS = {
-    'TPU v2': Chip(16, 45, 600),
-    'TPU v3': Chip(32, 123, 900),
-    'TPU v4': Chip(32, 275, 1200),
-    'TPU v5 lite': Chip(16, 197, 819),  # v5e
-    'TPU v5': Chip(95, 459, 2765),  # v5p
-    'TPU v6 lite': Chip(32, 918, 1640),  # v6e (Trillium)
-    'TPU7x': Chip(192, None, None),
-}
 TOPOLOGY_EXAMPLES = 'v5e:2x2, v5e:4x4, v4:2x2x1, v4:2x2x2, v5p:2x2x1, v6e:2x2'
 
 
@@ -95,7 +74,7 @@ def devices_per_chip(devices, topology: str) -> int:
 
 def chip_hbm_bytes(devices, topology: str) -> int | None:
   """HBM of one device: the chip's, shared by the devices (cores) on it."""
-  chip = CHIPS.get(devices[0].device_kind)
+  chip = lookup(devices[0].device_kind)
   if chip is None:
     return None
   return int(chip.hbm_gib * 2**30) // devices_per_chip(devices, topology)
@@ -130,11 +109,11 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from paraformer_jax import optim, run_state, sharding, steps, train
+  from paraformer_jax import optim, run_checks, run_state, sharding, steps
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices)
   batch = batch or config.training.batch_size
-  train.check_config(config, mesh)
+  run_checks.check_config(config, mesh)
   sharding.check_divisible(run_state.build_model(config), mesh, batch)
   plan = run_state.StagePlan(config, steps_per_epoch=1000)
   stage = plan.num_stages - 1  # stagewise: the last stage holds the most branches
@@ -310,7 +289,7 @@ def main(argv):
   if fits(result, capacity):
     print(f'HBM per device {gib(capacity)}: FITS '
           f'({100 * result["peak_bytes"] / capacity:.0f}% used)')
-    chip = CHIPS[result['device_kind']]
+    chip = lookup(result['device_kind'])
     for line in roofline_lines(result, chip, devices_per_chip(devices, FLAGS.topology)):
       print(line)
   else:

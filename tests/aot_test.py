@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from configs import tiny
-from paraformer_jax import aot, flops, optim, run_state, sharding
+from paraformer_jax import aot, chips, flops, optim, run_state, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +136,7 @@ def test_the_compilers_refusal_is_read_as_the_bytes_needed_and_available():
 
 
 def test_the_roofline_bounds_the_step_by_its_slower_side():
-  v5e = aot.CHIPS['TPU v5 lite']  # 197 TFLOP/s, 819 GB/s
+  v5e = chips.CHIPS['TPU v5 lite']  # 197 TFLOP/s, 819 GB/s
   result = {'flops': 197e9, 'bytes_accessed': 81.9e6, 'loops': 0, 'device_kind': 'TPU v5 lite'}
   bound = aot.roofline(result, v5e, per_chip=1)
   assert bound['compute_s'] == pytest.approx(1e-3) and bound['memory_s'] == pytest.approx(1e-4)
@@ -148,7 +148,7 @@ def test_the_roofline_bounds_the_step_by_its_slower_side():
   assert halved['intensity'] == pytest.approx(197e9 / 1638e6)
   assert not any('loop' in line for line in aot.roofline_lines(result, v5e, 1))
   assert 'undercounts' in aot.roofline_lines({**result, 'loops': 2}, v5e, 1)[-1]
-  assert aot.roofline(result, aot.CHIPS['TPU7x'], 1) is None  # rates unknown: no bound
+  assert aot.roofline(result, chips.CHIPS['TPU7x'], 1) is None  # rates unknown: no bound
 
 
 def test_a_step_that_fits_no_batch_gets_does_not_fit_with_its_bytes_not_a_traceback():
