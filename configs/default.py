@@ -91,6 +91,11 @@ def get_config():
   config.eval_every_steps = 0  # validate + checkpoint this often (0: every epoch)
   config.log_every_steps = 50  # progress line and metrics this often
   config.keep_checkpoints = 3  # the last N are kept, plus the best by validation accuracy
+  # Also save between validations, at the first log step this long after the last save
+  # (0: off): what a kill without warning (a lost host) can cost.
+  config.checkpoint_every_minutes = 30.0
+  # (first step, count): a jax.profiler trace of those steps in workdir/profile; () for none.
+  config.profile_steps = ()
   # grain worker processes preparing batches (0: one thread in the trainer's process).
   config.workers = 4
   return config

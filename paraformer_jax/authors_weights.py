@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from paraformer_jax import cli, storage, train
+from paraformer_jax import cli, run_checks, storage, train
 from paraformer_jax.model import HEAD_DIM, ParaFormer
 
 _BLOCK = re.compile(r'paratransformer\.blocks\.(\d+)\.(\d+)\.')
@@ -158,7 +158,7 @@ def write_workdir(config, state: Mapping[str, np.ndarray], out: str) -> float:
   """A workdir at `out` holding their weights as step 0's checkpoint; returns the model's
   validation accuracy (the checkpoint's metric)."""
   check_config(config, state)
-  train.check_new_workdir(out)
+  run_checks.check_new_workdir(out)
   return train.write_params_workdir(config, out, to_params(state), 0,
                                     'paraformer_jax.authors_weights')
 

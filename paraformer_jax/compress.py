@@ -24,7 +24,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import cli, input_pipeline, storage, train
+from paraformer_jax import cli, input_pipeline, run_checks, storage, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
@@ -68,8 +68,8 @@ def greedy_order(trainer, model, params, source):
 def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', baseline=None,
              step=None):
   """Writes the first-k (after `select`) model to `out`; returns the report as a dict."""
-  train.check_sources(config, workdir)
-  train.check_new_workdir(out)
+  run_checks.check_sources(config, workdir)
+  run_checks.check_new_workdir(out)
   trainer = train.Trainer(config, workdir, create=False)
   step = trainer.ckpts.best_or_latest_step() if step is None else step
   if step is None:

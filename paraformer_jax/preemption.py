@@ -5,8 +5,16 @@ save after the step under way and stop; the program then exits with 128 + the si
 (130 for Ctrl-C, 143 for SIGTERM), so a scheduler sees a run that did not finish. A second
 Ctrl-C stops at once (KeyboardInterrupt), without saving: the last checkpoint stays.
 
-On several processes they agree on the step to stop at: each step, a process stops if any
-process was signalled.
+On several processes they must stop at the same step, without a collective every step
+(which would make every host wait for the slowest, each step). SIGTERM goes through JAX's
+coordination service: `jax.distributed.initialize` installs its preemption notifier, which
+catches SIGTERM on any process and tells the others; `reached_preemption_sync_point(step)`,
+asked each step, is a local check until then, and afterwards true on every process at the
+same step, the first that all can still reach. It reacts within a step or two: the 30 s a
+preempted GCP VM gets are left for the save. (So on several processes no Python SIGTERM
+handler is installed: it would replace the notifier's.) Ctrl-C, which the notifier does not
+see, and the periodic save are agreed on at log steps (`any_process`), where the loop
+synchronizes with the device anyway.
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ class Preemption:
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    several = jax.process_count() > 1
+    for sig in (signal.SIGINT,) if several else (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook's worker): no handler
@@ -58,8 +67,20 @@ class Preemption:
     logging.warning('%s received: saving after the current step, then exiting%s.',
                     signal.Signals(signum).name, more)
 
-  def requested(self) -> int:
-    """The signal that asked to stop (on any process), or 0."""
+  def requested(self, step: int) -> int:
+    """The signal that asks to stop after `step`, or 0; with several processes, SIGTERM to
+    any of them, the same on all (a call each step, with the same steps on all processes)."""
     if jax.process_count() == 1:
       return self.signum
-    return int(multihost_utils.process_allgather(np.array(self.signum)).max())
+    if multihost_utils.reached_preemption_sync_point(step):
+      return signal.SIGTERM
+    return 0
+
+
+def any_process(*values: int) -> list[int]:
+  """Each value's maximum over the processes: a collective, so every process calls it at
+  the same step (the loop's log steps)."""
+  if jax.process_count() == 1:
+    return [int(v) for v in values]
+  gathered = multihost_utils.process_allgather(np.array(values, np.int64))
+  return [int(v) for v in np.asarray(gathered).reshape(-1, len(values)).max(0)]

@@ -102,13 +102,19 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
 
 
-def progress_line(stage: str, step: int, total: int, metrics: dict, images_per_s, eta_s) -> str:
-  """`step` of `total` counted over the whole run (all stages); the rate and ETA are None
-  when only compiling steps were timed so far."""
-  speed = ('compiling' if images_per_s is None else
-           f'{images_per_s:.1f} img/s ETA {format_duration(eta_s)}')
-  return (f'{stage}step {step}/{total} loss {metrics["loss"]:.4f} '
-          f'acc {metrics["accuracy"]:.3f} {speed}')
+def progress_line(stage: str, step: int, total: int, metrics: dict, timing, eta_s) -> str:
+  """`step` of `total` counted over the whole run (all stages), the interval's mean metrics,
+  and its timing (telemetry.LoopClock.interval; None when its steps compiled)."""
+  line = (f'{stage}step {step}/{total} loss {metrics["loss"]:.4f} '
+          f'acc {metrics["accuracy"]:.3f}')
+  if timing is None:
+    return f'{line} compiling'
+  mfu = f' MFU {100 * timing["mfu"]:.1f}%' if 'mfu' in timing else ''
+  eta = f' ETA {format_duration(eta_s)}' if eta_s is not None else ''
+  return (f'{line} {timing["images_per_s"]:.1f} img/s ({timing["images_per_s_per_chip"]:.1f} '
+          f'per chip) step {1e3 * timing["step_s"]:.1f} ms (input wait '
+          f'{1e3 * timing["input_wait_s"]:.1f} ms) {timing["tflops_per_chip"]:.3g} TFLOP/s per '
+          f'chip{mfu}{eta}')
 
 
 def prefix_rows(accuracies, param_counts):

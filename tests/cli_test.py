@@ -35,6 +35,14 @@ CASES = {
                          "error: config.expand_from='{root}/no_such_run' holds no checkpoint in "
                          '{root}/no_such_run/checkpoints; point it at the workdir of a trained '
                          'run.', None),
+    'profile beyond the run': (['--config.profile_steps=(758, 5)'],
+                               'error: config.profile_steps=(758, 5): use (first step, count) '
+                               'with first >= 0, count >= 1 and first + count <= 760 (the '
+                               'run\'s steps), e.g. --config.profile_steps="(10, 5)"; or () for '
+                               'none.', None),
+    'negative checkpoint interval': (['--config.checkpoint_every_minutes=-1'],
+                                     'error: config.checkpoint_every_minutes=-1.0: use 0 (off) '
+                                     'or a number of minutes > 0.', None),
     'missing config file': (['--config=configs/nope.py'],
                             'error: --config=configs/nope.py does not load: [Errno 2] No such '
                             "file or directory: 'configs/nope.py'",
@@ -139,9 +147,9 @@ def test_first_ctrl_c_asks_to_save_and_the_second_stops_at_once():
   from paraformer_jax.preemption import Preemption
   before = signal.getsignal(signal.SIGINT)
   with Preemption() as preemption:
-    assert preemption.requested() == 0
+    assert preemption.requested(1) == 0
     os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: no exception
-    assert preemption.requested() == signal.SIGINT
+    assert preemption.requested(2) == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
       for _ in range(1000):  # give the handler a bytecode boundary to run at
@@ -149,29 +157,47 @@ def test_first_ctrl_c_asks_to_save_and_the_second_stops_at_once():
   assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
 
 
-def test_progress_rate_leaves_out_the_steps_that_compiled(monkeypatch):
-  from paraformer_jax import train
+def test_the_loop_clock_times_the_steps_after_each_compile_and_gives_mfu(monkeypatch):
+  import types
+
+  import jax
+
+  from paraformer_jax import telemetry
   now = [0.0]
-  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
-  clock = train._Clock(start=0)
-  now[0] = 50.0  # step 1 compiled the LPA pass program: 50 s
-  clock.tick(1, compiled=True)
-  assert clock.rate(1, 100, 10) == (None, None)  # nothing timed yet
-  now[0] = 52.0  # steps 2..3 at 1 s each
-  clock.tick(3, compiled=True)
-  now[0] = 62.0  # step 4 compiled the full pass program (10 s)
-  clock.tick(4, compiled=False)
-  now[0] = 64.0  # steps 5..6 at 1 s each
-  clock.tick(6, compiled=False)
-  ips, eta = clock.rate(6, 100, 10)
-  assert ips == pytest.approx(10.0) and eta == pytest.approx(94.0)
+  monkeypatch.setattr(telemetry.time, 'perf_counter', lambda: now[0])
+  v5e = [types.SimpleNamespace(platform='tpu', device_kind='TPU v5 lite')] * 4
+  clock = telemetry.LoopClock(0, v5e)
+  now[0] = 50.0  # step 1 compiled (50 s): the loop waits for it and restarts the clock
+  clock.tick(1, 'lpa pass', 1e12)
+  clock.restart()
+  now[0] = 52.0  # steps 2..3: 1 s each, 0.5 s of it waiting for input, 197e12 FLOPs each
+  clock.waited_for_input(0.5)
+  clock.tick(2, 'lpa pass', 197e12)
+  clock.tick(3, 'lpa pass', 197e12)
+  got = clock.interval(batch_size=8, dtype='bfloat16')
+  assert got == pytest.approx({'step_s': 1.0, 'input_wait_s': 0.25, 'images_per_s': 8.0,
+                               'images_per_s_per_chip': 2.0, 'tflops_per_chip': 197 / 4,
+                               'mfu': 0.25})  # 49.25 of the v5e chip's 197 TFLOP/s
+  assert clock.interval(8, 'bfloat16') is None  # no step since
+  now[0] = 62.0  # step 4 compiled the full pass program (10 s), step 5 took 3 s
+  clock.tick(4, 'full pass', 1e12)
+  clock.restart()
+  now[0] = 65.0
+  clock.tick(5, 'full pass', 1e12)
+  assert clock.interval(8, 'bfloat16')['step_s'] == pytest.approx(3.0)
+  # Compiling steps count at the mean of the timed ones: (1 + 1 + 3) / 3 s.
+  assert clock.train_seconds(6) == pytest.approx(6 * 5 / 3)
+  assert clock.eta(3) == pytest.approx(3 * 5 / 3)
+  cpu = telemetry.LoopClock(0, jax.devices()[:2])
+  cpu.tick(1, 'step', 1e9)
+  assert 'mfu' not in cpu.interval(8, 'float32')  # no peak for a CPU
 
 
-def test_train_seconds_count_the_compiling_steps_at_the_mean_of_the_others():
-  from paraformer_jax import train
-  clock = train._Clock(start=0)
-  # lpa: step 1 compiles the LPA pass (50 s), step 3 the full pass (10 s); others 1 or 3 s.
-  for done, compiled, seconds in ((1, True, 50.0), (2, True, 1.0), (3, False, 10.0),
-                                  (4, False, 3.0)):
-    clock.tick(done, compiled=compiled, seconds=seconds)
-  assert clock.train_seconds(4) == pytest.approx(4 * (1.0 + 3.0) / 2)
+def test_chips_are_found_by_the_device_kind_jax_reports():
+  from paraformer_jax import chips
+  assert chips.lookup('TPU v5 lite').hbm_gib == 16  # v5e, not v5p
+  assert chips.lookup('TPU v5').hbm_gib == 95
+  assert chips.lookup('NVIDIA H100 80GB HBM3').bf16_tflops == 989
+  assert chips.lookup('NVIDIA H100 PCIe').bf16_tflops == 756
+  assert chips.lookup('NVIDIA H200').peak_tflops('float32') == 67
+  assert chips.lookup('cpu') is None

@@ -15,19 +15,19 @@ IMAGE_SHAPE = (8, 8, 3)
 SMALL = dict(num_classes=10, patch_size=4, width=64, num_heads=1, mlp_dim=128)
 
 
-def preempt_at(procs, marker: str, sig=None) -> list[str]:
+def preempt_at(procs, marker: str, sig=None, to=None) -> list[str]:
   """Reads the first process's output until a line holds `marker` (training under way),
-  sends `sig` (SIGTERM) to every process, and returns all of its lines once every process
-  has exited; fails, showing the end of the output, unless all exited with status
-  128 + sig (saved, not finished)."""
+  sends `sig` (SIGTERM) to the processes `to` (indices; default every one), and returns all
+  of its lines once every process has exited; fails, showing the end of the output, unless
+  all exited with status 128 + sig (saved, not finished)."""
   import signal
   sig = sig or signal.SIGTERM
   lines = []
   for line in procs[0].stdout:
     lines.append(line)
     if marker in line:
-      for p in procs:
-        p.send_signal(sig)
+      for i in range(len(procs)) if to is None else to:
+        procs[i].send_signal(sig)
       break
   lines += procs[0].stdout.readlines()
   assert [p.wait(timeout=300) for p in procs] == [128 + sig] * len(procs), ''.join(lines[-30:])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10, digits, imagenet
-from paraformer_jax import augment, input_pipeline
+from paraformer_jax import augment, input_pipeline, run_checks
 
 
 def _check_batch(batch, config, batch_size, channels):
@@ -144,4 +144,4 @@ def test_every_config_loads_and_passes_the_checks(name, variant):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(variant) if variant else module.get_config()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices=jax.devices()[:4])
-  train.check_config(config, mesh)  # raises on anything that cannot work
+  run_checks.check_config(config, mesh)  # raises on anything that cannot work

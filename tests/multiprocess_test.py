@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (CPU collectives) train and infer like one process."""
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -105,6 +106,26 @@ def test_forward_over_two_processes_equals_one_process(kind, branches, depth):
 # add 5-9 (expansion adds classes).
 STAGEWISE = {'training.mode': 'stagewise', 'training.branches_per_stage': 2,
              'data.classes': '0-4', 'data.num_classes': 5, 'training.batch_size': 40}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, single_process,
+                                                                     tmp_path):
+  """Only process 1 is signalled (a preempted host): JAX's coordination service tells
+  process 0, both save the same step and exit 143, and the same command resumes."""
+  workdir = str(tmp_path / 'one_signalled')
+  flags = ['--config.log_every_steps=1']
+  with open(os.path.join(workdir + '_process1.log'), 'w') as log1:
+    procs = _start(workdir, data_dir, (1, 4), 2, 2, flags, logs=[None, log1])
+    lines = preempt_at(procs, 'step 4/13', to=[1])
+  with open(workdir + '_process1.log') as f:
+    other = f.read()
+  saved = [re.search(r'Preempted: saved step (\d+)', text) for text in (''.join(lines), other)]
+  assert all(saved), ''.join(lines[-30:]) + other[-3000:]
+  assert saved[0].group(1) == saved[1].group(1)
+  outs = _run(workdir, data_dir, (1, 4), processes=2, devices_per_process=2, flags=flags)
+  assert f'Resuming from step {saved[0].group(1)}' in outs[0]
+  _assert_close(_final_params(data_dir, workdir), single_process)
 
 
 def _flags(overrides):

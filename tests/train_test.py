@@ -15,7 +15,8 @@ import pytest
 from conftest import SMALL, preempt_at
 
 from configs import tiny
-from paraformer_jax import checkpoint, input_pipeline, malloc, optim, sharding, steps, train
+from paraformer_jax import (checkpoint, input_pipeline, malloc, optim, run_checks, sharding,
+                            steps, train)
 from paraformer_jax.model import ParaFormer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +107,7 @@ def _interrupting(after, error=KeyboardInterrupt, poison=False):
     rows = len(batch['label'])
     yield {**batch, 'mix_lam': np.full(rows, np.nan, np.float32),
            'mix_box': np.zeros((rows, 4), np.int32)}
+    yield from it  # the loop finds out at its next log step
   return iterate
 
 
@@ -146,7 +148,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
   config = tiny_config(data_dir, epochs=1)
   workdir = str(tmp_path / 'nan')
   monkeypatch.setattr(input_pipeline, 'iterate', _interrupting(6, poison=True))
-  with pytest.raises(FloatingPointError, match=r'step 7.*last good checkpoint is step 5'):
+  # Found at the next log step (10), before its save: named by its step and interval.
+  with pytest.raises(FloatingPointError, match=r'at step 7 \(in the interval of steps 6\.\.10\)'
+                                               r'.*last good checkpoint is step 5'):
     train.train_and_evaluate(config, workdir)
   trainer = train.Trainer(config, workdir)
   assert trainer.ckpts.all_steps() == [5]
@@ -158,18 +162,18 @@ def test_config_json_is_never_seen_half_written(data_dir, tmp_path):
   """Multi-host: process 0 writes config.json while the others run check_workdir on it."""
   config = tiny_config(data_dir)
   workdir = str(tmp_path)
-  train.save_config(config, workdir, has_checkpoints=False)
+  run_checks.save_config(config, workdir, has_checkpoints=False)
   done = threading.Event()
 
   def keep_writing():
     for _ in range(200):
-      train.save_config(config, workdir, has_checkpoints=False)
+      run_checks.save_config(config, workdir, has_checkpoints=False)
     done.set()
   writer = threading.Thread(target=keep_writing)
   writer.start()
   checks = 0
   while not done.is_set():
-    train.check_workdir(config, workdir)  # raised JSONDecodeError when written in place
+    run_checks.check_workdir(config, workdir)  # raised JSONDecodeError when written in place
     checks += 1
   writer.join()
   assert checks > 0
@@ -197,7 +201,7 @@ def test_a_workdir_of_another_run_is_refused_and_kept(straight_run):
   # Settings that leave the parameters alone are accepted.
   same = tiny_config(config.data.data_dir, epochs=1)
   same.model.branch_strategy = 'vmap'
-  train.check_workdir(same, workdir)
+  run_checks.check_workdir(same, workdir)
 
 
 def test_a_checkpoint_that_does_not_fit_the_config_says_which_parameters(straight_run):

@@ -1,0 +1,144 @@
+"""The training loop as an accelerator host runs it: no per-step wait on the device, the
+interval's metrics, checkpoints on a clock, a profile on request."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax._src import array
+
+from configs import tiny
+from paraformer_jax import steps, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_EVERY = 5
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def loop_config(data_dir, **overrides):
+  """13 steps, logged every 5, validated and saved only at the end, no timed saves."""
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  config.training.epochs = 1
+  config.log_every_steps = LOG_EVERY
+  config.eval_every_steps = 13
+  config.checkpoint_every_minutes = 0.0
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def watched_run(data_dir, tmp_path_factory):
+  """A run in which every device-to-host fetch is recorded with the number of train steps
+  dispatched before it, and every step's metrics are kept: (config, workdir, fetched-at
+  counts, per-step metrics)."""
+  config = loop_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp('watched'))
+  dispatched, fetched_at, per_step = [0], [], []
+  real_value, real_make = array.ArrayImpl._value, steps.make_train_step
+
+  def value(self):
+    fetched_at.append(dispatched[0])
+    return real_value.fget(self)
+
+  def make_train_step(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def counted(state, batch, **kw):
+      dispatched[0] += 1
+      state, metrics = step(state, batch, **kw)
+      per_step.append(metrics)
+      return state, metrics
+    return counted
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(steps, 'make_train_step', make_train_step)
+    m.setattr(array.ArrayImpl, '_value', property(value))
+    train.train_and_evaluate(config, workdir)
+  per_step = [{k: float(v) for k, v in jax.device_get(s).items()} for s in per_step]
+  return config, workdir, fetched_at, per_step
+
+
+@pytest.mark.slow
+def test_between_log_steps_the_host_never_waits_for_the_device(watched_run):
+  _, _, fetched_at, per_step = watched_run
+  assert len(per_step) == 13
+  # Before the first step (the restored step), after the compiling first step (its time is
+  # reported), and at log steps; from 13 on, the final validation and report.
+  assert fetched_at and set(fetched_at) <= {0, 1, 5, 10, 13}, sorted(set(fetched_at))
+  assert {5, 10} <= set(fetched_at)
+
+
+@pytest.mark.slow
+def test_a_log_line_reports_the_mean_of_its_interval(watched_run):
+  _, workdir, _, per_step = watched_run
+  logged = {m['step']: m for m in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))
+            if 'loss' in m}
+  assert sorted(logged) == [5, 10, 13]
+  for step, first in ((5, 1), (10, 6), (13, 11)):
+    for name in ('loss', 'accuracy', 'grad_norm'):
+      want = np.mean([m[name] for m in per_step[first - 1:step]])
+      assert logged[step][name] == pytest.approx(want, rel=1e-6), (step, name)
+  # The loop's timing, from the steps after the compile.
+  timing = logged[10]
+  assert timing['images_per_s'] == pytest.approx(96 / timing['step_s'])
+  assert timing['images_per_s_per_chip'] == pytest.approx(timing['images_per_s'] / 8)
+  assert 0 <= timing['input_wait_s'] < timing['step_s'] and timing['tflops_per_chip'] > 0
+  assert 'mfu' not in timing  # no peak for a CPU
+
+
+_KILLED_AFTER_THE_TIMED_SAVE = """
+import sys, time
+from configs import tiny
+from paraformer_jax import checkpoint, train
+config = tiny.get_config()
+config.data.data_dir = sys.argv[1]
+config.training.epochs, config.log_every_steps, config.eval_every_steps = 1, 5, 13
+config.checkpoint_every_minutes = 1e-9  # at every log step
+real_save = checkpoint.Checkpoints.save
+def save(self, step, *args, **kwargs):
+  real_save(self, step, *args, **kwargs)
+  self.wait()
+  print('SAVED', step, flush=True)
+  time.sleep(600)  # killed here
+checkpoint.Checkpoints.save = save
+train.train_and_evaluate(config, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_a_timed_checkpoint_between_validations_survives_kill_9(watched_run, data_dir,
+                                                                 tmp_path):
+  config, straight, _, _ = watched_run
+  workdir = str(tmp_path / 'killed')
+  proc = subprocess.Popen([sys.executable, '-c', _KILLED_AFTER_THE_TIMED_SAVE, data_dir,
+                           workdir], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+  try:
+    saved = []
+    for line in proc.stdout:
+      if line.startswith('SAVED'):
+        saved.append(line)
+        proc.kill()  # SIGKILL: no handler runs
+        break
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  assert saved == ['SAVED 5\n'] and proc.returncode == -signal.SIGKILL
+  assert train.Trainer(config, workdir).ckpts.all_steps() == [5]  # no validation before 13
+  # The same run resumes from it (here with a profile of two steps) to the uninterrupted end.
+  resumed = loop_config(config.data.data_dir, profile_steps=(6, 2))
+  train.train_and_evaluate(resumed, workdir)
+  want, got = (train.Trainer(config, w) for w in (straight, workdir))
+  a, b = (t.restore(13)[0] for t in (want, got))
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  traces = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(workdir, 'profile'))
+            for n in names if n.endswith('.xplane.pb')]
+  assert traces and os.path.getsize(traces[0]) > 1000
