@@ -112,7 +112,7 @@ class LoopClock:
     seconds = time.perf_counter() - self.interval_began
     input_s, executed = self.input_s, self.flops
     self.restart()
-    if steps <= 0:
+    if steps <= 0 or seconds <= 0:
       return None
     self.step_seconds += seconds
     self.timed_steps += steps
