@@ -140,7 +140,7 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'configs')
 
 @pytest.mark.parametrize('name, variant', [(n, None) for n in CONFIGS] + [('cifar10', '32px')])
 def test_every_config_loads_and_passes_the_checks(name, variant):
-  from paraformer_jax import sharding, train
+  from paraformer_jax import sharding
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(variant) if variant else module.get_config()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices=jax.devices()[:4])
