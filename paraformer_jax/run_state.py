@@ -59,6 +59,10 @@ class StagePlan:
   def steps_per_stage(self):
     return self.config.training.epochs * self.passes * self.steps_per_epoch
 
+  def lpa_pass(self, i: int) -> bool:
+    """Whether step i of a stage is an LPA pass (lpa: even epochs) rather than a full step."""
+    return self.config.training.mode == 'lpa' and (i // self.steps_per_epoch) % 2 == 0
+
   def model(self, stage: int) -> ParaFormer:
     if not self.stagewise:
       return build_model(self.config).clone(num_frozen_branches=self.expand_frozen,

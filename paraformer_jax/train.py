@@ -139,20 +139,25 @@ class Trainer:
 
   def train_stage(self, stage, state, writer, preemption):
     """Trains to the end of the stage; returns its state."""
-    plan, config = self.plan, self.config
-    model = plan.model(stage)
-    train_step = steps.make_train_step(model, self.mesh, self.tx, config.training.mode,
-                                       plan.frozen_keys(stage), config.training.clip_norm,
-                                       config.training.label_smoothing)
-    start = int(state.step) - stage * plan.steps_per_stage
+    data = self.stage_batches(stage, int(state.step) - stage * self.plan.steps_per_stage)
+    try:
+      return StageLoop(self, stage, writer, preemption).run(state, self.stage_step(stage), data)
+    finally:
+      data.close()  # stops the worker processes
+
+  def stage_step(self, stage):
+    """The jitted training step of `stage`."""
+    t = self.config.training
+    return steps.make_train_step(self.plan.model(stage), self.mesh, self.tx, t.mode,
+                                 self.plan.frozen_keys(stage), t.clip_norm, t.label_smoothing)
+
+  def stage_batches(self, stage, start: int):
+    """This process's host batches of `stage` from its step `start` (close() it after)."""
+    config = self.config
     batches = input_pipeline.train_batches(self.train_source, config.data,
                                            config.training.batch_size,
                                            run_state.data_seed(config.seed, stage), self.shard)
-    data = input_pipeline.iterate(batches, start, config.workers)
-    try:
-      return StageLoop(self, stage, writer, preemption).run(state, train_step, data)
-    finally:
-      data.close()  # stops the worker processes
+    return input_pipeline.iterate(batches, start, config.workers)
 
   def run(self):
     """Trains every remaining stage and reports. On SIGTERM or Ctrl-C it saves after the
@@ -230,7 +235,7 @@ class StageLoop:
       waited = time.perf_counter()
       batch = next(batches)
       clock.waited_for_input(time.perf_counter() - waited)
-      lpa_pass = config.training.mode == 'lpa' and (i // plan.steps_per_epoch) % 2 == 0
+      lpa_pass = plan.lpa_pass(i)
       state = self._step(train_step, state, batch, lpa_pass, step)
       if done == plan.steps_per_stage and config.align_head:
         state = state.replace(params=jax.jit(replay.align_head)(state.params))

@@ -62,8 +62,11 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   straight, preempted = 'gs://bucket/straight', 'gs://bucket/preempted'
-  _main(cwd, data_dir, straight)
+  _main(cwd, data_dir, straight, '--config.profile_steps=(2, 2)')
   _preempted_then_resumed(cwd, data_dir, preempted)
+  # The profile of steps 2..3, traced locally, is copied to the bucket.
+  traces = list(_bucket(straight + '/profile').glob('plugins/profile/*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().length > 1000
 
   # What a run writes is in the bucket.
   names = {p.name for p in _bucket(preempted).iterdir()}

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -57,31 +58,48 @@ def measure(name):
           'compile_s': round(time.perf_counter() - start, 1)}
 
 
-_compiles = {}
+def _results_dir(run_id: str) -> str:
+  return os.path.join(tempfile.gettempdir(), f'paraformer_tpu_budgets_{run_id}')
 
 
-def start_compiles():
-  """Starts this file as a program, in the background: it writes every program's figures."""
-  if 'process' not in _compiles:
-    out = os.path.join(tempfile.mkdtemp(), 'budgets.json')
-    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-    _compiles.update(out=out, process=subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), out], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  return _compiles
+def start_compiles(run_id: str):
+  """Starts this file as a program, in the background, writing every program's figures to
+  _results_dir(run_id)/budgets.json. Only the first caller of a test run starts it (with
+  pytest-xdist every worker collects this module; one compiles)."""
+  folder = _results_dir(run_id)
+  try:
+    os.mkdir(folder)
+  except FileExistsError:
+    return
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+             JAX_COMPILATION_CACHE_DIR='')  # compiled once; nothing to share
+  with open(os.path.join(folder, 'log.txt'), 'w') as log:
+    subprocess.Popen([sys.executable, os.path.abspath(__file__), folder], cwd=REPO, env=env,
+                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+_THIS_PROCESS = uuid.uuid4().hex
+
+
+def run_id(config) -> str:
+  """The same string in every process of one pytest run (xdist workers share testrunuid)."""
+  return getattr(config, 'workerinput', {}).get('testrunuid') or _THIS_PROCESS
 
 
 @pytest.fixture(scope='module')
-def figures():
-  compiles = start_compiles()
-  try:
-    output, _ = compiles['process'].communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    compiles['process'].kill()
-    pytest.fail(f'the TPU compiles took over {TIMEOUT_S} s')
-  assert compiles['process'].returncode == 0, output[-5000:]
-  with open(compiles['out']) as f:
-    return json.load(f)
+def figures(request):
+  folder = _results_dir(run_id(request.config))
+  start_compiles(run_id(request.config))  # when collected without conftest's early start
+  out, deadline = os.path.join(folder, 'budgets.json'), time.monotonic() + TIMEOUT_S
+  while not os.path.exists(out):
+    if time.monotonic() > deadline:
+      pytest.fail(f'the TPU compiles took over {TIMEOUT_S} s')
+    time.sleep(1)
+  with open(out) as f:
+    results = json.load(f)
+  if 'error' in results:
+    pytest.fail(f"the TPU compiles failed:\n{results['error'][-5000:]}")
+  return results
 
 
 @pytest.mark.parametrize('name', PROGRAMS)
@@ -101,8 +119,14 @@ def test_the_tpu_steps_temporaries_per_chip_are_held_to_its_budget(figures, name
 
 
 if __name__ == '__main__':
-  results = {name: measure(name) for name in PROGRAMS}
-  if len(sys.argv) > 1:
-    with open(sys.argv[1], 'w') as f:
-      json.dump(results, f)
+  import traceback
+  try:
+    results = {name: measure(name) for name in PROGRAMS}
+  except Exception:  # noqa: BLE001 (the suite shows it)
+    results = {'error': traceback.format_exc()}
   print(json.dumps(results, indent=1))
+  if len(sys.argv) > 1:  # the folder the suite waits on; the file appears complete
+    out = os.path.join(sys.argv[1], 'budgets.json')
+    with open(out + '.tmp', 'w') as f:
+      json.dump(results, f)
+    os.replace(out + '.tmp', out)
