@@ -137,6 +137,8 @@ def global_batch(mesh, local_batch):
   """
   sharding = NamedSharding(mesh, P('data'))
   count = data_shard(mesh)[1]
+  if jax.process_count() == 1:  # one call for the whole batch: half the host time per step
+    return jax.device_put(local_batch, sharding)
 
   def make(a):
     a = np.asarray(a)
