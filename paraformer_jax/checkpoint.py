@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -81,6 +83,31 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def agreed_latest_step(self) -> int | None:
+    """The latest complete checkpoint as process 0 lists it, the same on every process.
+
+    Each process lists the directory itself, and a listing can be stale (gcsfs caches them
+    without expiry; a shared filesystem may lag): left alone, hosts could resume from
+    different steps. A process that does not see process 0's step stops, on every process,
+    with a message naming it, instead of a hang in the restore's collectives.
+    """
+    latest = self.latest_step()
+    if jax.process_count() == 1:
+      return latest
+    chosen = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if latest is None else latest)))
+    if chosen >= 0 and chosen not in self._manager.all_steps():
+      self._manager.reload()  # a stale listing: read the directory again
+    sees = chosen < 0 or chosen in self._manager.all_steps()
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)
+    if not seen.all():
+      missing = ', '.join(str(i) for i in np.flatnonzero(seen == 0))
+      raise FileNotFoundError(
+          f'Process 0 resumes from step {chosen} in {self.directory}, which process(es) '
+          f'{missing} cannot read there (this process, {jax.process_index()}, lists steps '
+          f'{self.all_steps()}). Every process must see the same --workdir: a bucket, or '
+          f'one shared filesystem, not a local disk per host. Nothing was changed.')
+    return None if chosen < 0 else chosen
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())

@@ -12,9 +12,11 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 
+from paraformer_jax import processes
 from paraformer_jax.preemption import Interrupted
 
 FLAGS = flags.FLAGS
@@ -47,10 +49,12 @@ def message(e: BaseException) -> str:
   return text.strip() or type(e).__name__
 
 
-def exit_with(e: BaseException):
+def exit_with(e: BaseException, code: int = EXIT_USER_ERROR, text: str | None = None):
   """The message, its fix on the last line (--verbose, in --help, gives the traceback)."""
-  print(f'error: {message(e)}', file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
+  print(f'error: {text or message(e)}', file=sys.stderr, flush=True)
+  if processes.several():  # the others may be waiting in a collective: do not wait for them
+    processes.exit_now(code)
+  sys.exit(code)
 
 
 def config_field_error(e: AttributeError | KeyError, argv) -> UserError:
@@ -124,6 +128,14 @@ def run(main):
       if verbose():
         raise
       exit_with(e)
+    except Exception as e:  # noqa: BLE001 (a lost process, or a bug)
+      lost = processes.lost_process(e)
+      if lost:
+        exit_with(e, processes.EXIT_LOST_PROCESS, processes.lost_message(e, lost))
+      if not processes.several():
+        raise
+      traceback.print_exc()  # a bug: its traceback, without waiting for the other processes
+      processes.exit_now(1)
 
   app.run(guarded, flags_parser=_parser)
 

@@ -39,7 +39,8 @@ def get_source(name: str, split: str, data_dir: str | None):
   `images` to decode at the size the crop needs; other image features come as arrays.
   """
   data_dir = data_dir or default_data_dir()
-  if name in LOCAL_DATASETS:
+  in_bucket = '://' in data_dir
+  if name in LOCAL_DATASETS and not in_bucket:  # array_record cannot write to a bucket
     LOCAL_DATASETS[name](data_dir)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -55,12 +56,28 @@ def get_source(name: str, split: str, data_dir: str | None):
                      f"as 'cifar10', 'imagenet2012' or 'sklearn_digits'.") from e
   except (NotImplementedError, FileNotFoundError, AssertionError) as e:
     # TFDS's own message here is about file formats; say what to do instead.
-    raise FileNotFoundError(
-        f'Dataset {name!r} is not prepared as array_record in data_dir={data_dir!r}. Nothing '
-        f'is downloaded during training; prepare it once with\n'
-        f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
-        f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
-        f'or point config.data.data_dir at a directory where it is prepared.') from e
+    raise FileNotFoundError(not_prepared(name, data_dir)) from e
+
+
+def not_prepared(name: str, data_dir: str) -> str:
+  """What to do when `name` is not in `data_dir`: prepare it there, or (a bucket, which
+  array_record cannot write) prepare it locally and copy it up."""
+  build = (f'python -c "from paraformer_jax import input_pipeline as p; p.get_source({name!r}, '
+           f"'train', '/tmp/tfds')\"" if name in LOCAL_DATASETS else
+           f'tfds build {name} --data_dir=/tmp/tfds --file_format=array_record')
+  if '://' in data_dir:
+    return (f'Dataset {name!r} is not prepared as array_record in data_dir={data_dir!r}. '
+            f'Nothing is downloaded during training, and TFDS cannot write array_record to a '
+            f'bucket: prepare it on a local disk and copy its directory up, e.g.\n'
+            f'  {build}\n'
+            f'  gcloud storage cp -r /tmp/tfds/{name} {data_dir.rstrip("/")}/\n'
+            f'(ImageNet needs the archives in /tmp/tfds/downloads/manual first), or point '
+            f'config.data.data_dir at a directory where it is prepared.')
+  return (f'Dataset {name!r} is not prepared as array_record in data_dir={data_dir!r}. Nothing '
+          f'is downloaded during training; prepare it once with\n'
+          f'  {build.replace("/tmp/tfds", data_dir)}\n'
+          f'(ImageNet needs the archives placed in {data_dir}/downloads/manual first), '
+          f'or point config.data.data_dir at a directory where it is prepared.')
 
 
 def image_channels(source) -> int:
@@ -330,8 +347,9 @@ def eval_batches(source, data_config, batch_size: int, shard=SINGLE):
       _EvalBatch(source, prep, indices, local_batch))
 
 
-class InputWorkerError(RuntimeError):
-  """A grain worker process died."""
+class InputWorkerError(OSError):
+  """A grain worker process died (a resource failure, like a full disk: the message is
+  complete, and the same command resumes)."""
 
 
 class Batches:

@@ -143,7 +143,8 @@ def _flatten(tree, prefix=''):
 
 def check_sources(config, workdir: str):
   """Every remote path of the run reachable, before anything trains (storage.check_access)."""
-  for what, path in (('--workdir', workdir), ('config.init_from', config.init_from),
+  for what, path in (('--workdir', workdir), ('config.data.data_dir', config.data.data_dir),
+                     ('config.init_from', config.init_from),
                      ('config.expand_from', config.expand_from)):
     if path:
       storage.check_access(path, what)

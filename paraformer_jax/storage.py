@@ -75,7 +75,8 @@ def check_access(p, what: str, timeout_s: float = PROBE_TIMEOUT_S):
     return
   emulator = os.environ.get('STORAGE_EMULATOR_HOST')
   where = (f'the emulator at STORAGE_EMULATOR_HOST={emulator} (Orbax also needs '
-           f'TENSORSTORE_GCS_HTTP_URL set to it)' if emulator else 'Google Cloud Storage')
+           f'TENSORSTORE_GCS_HTTP_URL, and datasets CLOUD_STORAGE_EMULATOR_ENDPOINT, set to '
+           f'it)' if emulator else 'Google Cloud Storage')
   raise OSError(
       f'{what}={os.fspath(p)} cannot be used: {problem}. It was read through {where}. '
       f'Check the bucket name and the credentials: on a TPU VM the VM\'s service account '

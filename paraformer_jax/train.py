@@ -175,7 +175,7 @@ class Trainer:
       writer.close()
 
   def _train_stages(self, writer, preemption):
-    latest = self.ckpts.latest_step()
+    latest = self.ckpts.agreed_latest_step()
     if latest is None:
       state, layout = self.states.initial(), 0
     else:
@@ -361,11 +361,12 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   run_checks.check_sources(config, workdir)
   run_checks.check_workdir(config, workdir)
   trainer = Trainer(config, workdir, create=False)
+  latest = trainer.ckpts.agreed_latest_step()
   steps_saved = trainer.ckpts.all_steps()
-  if not steps_saved:
+  if latest is None:
     raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory}: train first with '
                             f'--mode=train, or pass the --workdir of a trained run.')
-  step = steps_saved[-1] if step is None else step
+  step = latest if step is None else step
   if step not in steps_saved:
     raise ValueError(f'No checkpoint for step {step} in {trainer.ckpts.directory}; saved '
                      f'steps: {sorted(steps_saved)}.')

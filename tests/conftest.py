@@ -67,8 +67,9 @@ def images():
 def gcs(tmp_path_factory):
   """A real GCS-compatible server (fake-gcs-server) on 127.0.0.1 with one bucket, 'bucket'.
 
-  Sets, for this process and the ones it starts, where gcsfs (STORAGE_EMULATOR_HOST) and
-  tensorstore (TENSORSTORE_GCS_HTTP_URL, used by Orbax) send their requests; no credentials.
+  Sets, for this process and the ones it starts, where gcsfs (STORAGE_EMULATOR_HOST),
+  tensorstore (TENSORSTORE_GCS_HTTP_URL, used by Orbax) and array_record's C++ reader
+  (CLOUD_STORAGE_EMULATOR_ENDPOINT, TFDS's data files) send their requests; no credentials.
   Yields the server's URL; stopped at the end of the session.
   """
   import json
@@ -100,6 +101,7 @@ def gcs(tmp_path_factory):
           raise
         time.sleep(0.2)
     env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+           'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
            # gcsfs's probe for zonal buckets goes to Google over gRPC and waits ~60 s
            'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
     before = {k: os.environ.get(k) for k in env}
