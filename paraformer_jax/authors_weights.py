@@ -31,11 +31,12 @@ import math
 import re
 from typing import Mapping
 
+import jax
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from paraformer_jax import cli, run_checks, storage, train
+from paraformer_jax import cli, processes, run_checks, storage, train
 from paraformer_jax.model import HEAD_DIM, ParaFormer
 
 _BLOCK = re.compile(r'paratransformer\.blocks\.(\d+)\.(\d+)\.')
@@ -170,6 +171,7 @@ def define_flags():
   flags.DEFINE_string('weights', None, "The authors' saved state_dict (.t7/.pt/.pth, needs "
                       'torch) or an .npz of its arrays.')
   flags.DEFINE_string('out', None, 'Workdir to write (must not exist).')
+  processes.define_flags()
   flags.mark_flags_as_required(['config', 'weights', 'out'])
 
 
@@ -177,7 +179,10 @@ def main(argv):
   del argv
   cli.setup_logging()
   config, out = cli.config(), flags.FLAGS.out
+  processes.start()
   val = write_workdir(config, load_state(flags.FLAGS.weights), out)
+  if jax.process_index():
+    return  # process 0 prints
   print(f'{out}: their weights, validation accuracy {100 * val:.2f}%. Evaluate with\n'
         f'  python -m paraformer_jax.main --config={out}/config.py --workdir={out} --mode=eval')
 

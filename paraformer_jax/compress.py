@@ -24,7 +24,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from paraformer_jax import cli, input_pipeline, run_checks, storage, train
+from paraformer_jax import cli, input_pipeline, processes, run_checks, sharding, storage, train
 from paraformer_jax.model import merge_frozen, param_count
 
 FLAGS = flags.FLAGS
@@ -41,6 +41,7 @@ def define_flags():
   flags.DEFINE_enum('select', 'prefix', ['prefix', 'greedy'], 'Which branches to keep.')
   flags.DEFINE_string('baseline', None, 'Workdir of a trained sequential baseline to compare.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: best by validation, else latest).')
+  processes.define_flags()
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
@@ -56,13 +57,21 @@ def greedy_order(trainer, model, params, source):
   while remaining:
     def accuracy(j):
       candidate = order + [j] + [r for r in remaining if r != j]
-      result = trainer.evaluate(model, reorder(params, candidate), source)
+      result = trainer.evaluate(
+          model, sharding.params_to_mesh(reorder(params, candidate), trainer.mesh), source)
       return result['prefix_accuracy'][len(order)]
     best = max(remaining, key=accuracy)
     order.append(best)
     remaining.remove(best)
     logging.info('greedy selection: branch %d is number %d', best, len(order))
   return order
+
+
+def check_k(k, num_branches: int):
+  """--k: None (the smallest k within --tolerance) or 1..num_branches."""
+  if k is not None and not 1 <= k <= num_branches:
+    raise ValueError(f'--k={k}: the model has {num_branches} branches; keep 1..{num_branches} '
+                     f'of them, or leave --k out for the smallest k within --tolerance.')
 
 
 def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', baseline=None,
@@ -75,12 +84,14 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {trainer.ckpts.directory} to compress.')
   state, stage = trainer.restore(step)
-  model, params = merge_frozen(trainer.plan.model(stage), jax.device_get(state.params))
+  model, params = merge_frozen(trainer.plan.model(stage),
+                               sharding.params_to_host(state.params))
+  check_k(k, model.num_branches)
   d = config.data
   test = input_pipeline.split_source(d, d.test_split)
   order = (list(range(model.num_branches)) if select == 'prefix' else
            greedy_order(trainer, model, params, trainer.val_source))
-  ordered = reorder(params, order)
+  ordered = sharding.params_to_mesh(reorder(params, order), trainer.mesh)
   val = trainer.evaluate(model, ordered, trainer.val_source)['prefix_accuracy']
   tst = trainer.evaluate(model, ordered, test)['prefix_accuracy']
   counts = [param_count(reorder(params, order[:n])) for n in range(1, model.num_branches + 1)]
@@ -88,7 +99,7 @@ def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', base
            'test_accuracy': tst[n], 'compression': counts[-1] / counts[n]}
           for n in range(model.num_branches)]
   within = next(r['branches'] for r in rows if r['val_accuracy'] >= val[-1] - tolerance)
-  k = k or within
+  k = within if k is None else k
   report = {'source': str(storage.path(workdir)), 'step': step, 'select': select,
             'order': order, 'kept': order[:k], 'k': k, 'smallest_k_within_tolerance': within,
             'tolerance': tolerance, 'rows': rows}
@@ -114,14 +125,19 @@ def _write(config, trainer, out, params, kept, step, report):
   kept_val = report['rows'][len(kept) - 1]['val_accuracy']  # of the kept branches, in order
   train.write_params_workdir(small, out, reorder(params, kept), step, 'paraformer_jax.compress',
                              kept_val)
-  storage.write_atomic(storage.path(out) / 'compression.json', json.dumps(report, indent=1))
+  if jax.process_index() == 0:
+    storage.write_atomic(storage.path(out) / 'compression.json', json.dumps(report, indent=1))
 
 
 def main(argv):
   del argv
   cli.setup_logging()
-  r = compress(cli.config(), FLAGS.workdir, FLAGS.out, FLAGS.k, FLAGS.tolerance, FLAGS.select,
+  config = cli.config()
+  processes.start()
+  r = compress(config, FLAGS.workdir, FLAGS.out, FLAGS.k, FLAGS.tolerance, FLAGS.select,
                FLAGS.baseline, FLAGS.step)
+  if jax.process_index():
+    return  # process 0 prints
   print(f'{"branches":>8} {"params":>12} {"val acc":>8} {"test acc":>8} {"ratio":>6}')
   for row in r['rows']:
     print(f'{row["branches"]:>8} {row["params"]:>12,} {100 * row["val_accuracy"]:>7.2f}% '

@@ -71,6 +71,21 @@ def param_shardings(params, mesh):
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params))
 
 
+def params_to_host(params):
+  """The whole of every parameter as numpy, on every process (a global array spanning
+  processes cannot be read with `jax.device_get`: the other processes hold parts of it)."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+def params_to_mesh(params, mesh):
+  """Host parameters, the same on every process, as global arrays sharded over `mesh`."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      np.shape(x), s, lambda index: np.asarray(x)[index]), params, param_shardings(params, mesh))
+
+
 def init_params(model: ParaFormer, mesh, rng, image_shape):
   """Parameters created already sharded: eval_shape for the layout, then a jitted init."""
   check_divisible(model, mesh)

@@ -12,7 +12,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -317,19 +316,26 @@ def write_params_workdir(config, out, params, step: int, written_by: str,
   --mode=eval, compress and config.init_from take it like a trained run's. The checkpoint's
   metric is `val_accuracy`, or the model's accuracy on the validation split when not given."""
   out = storage.path(out)
-  out.mkdir(parents=True)
-  as_json = config.to_json_best_effort(indent=1)
-  storage.write_atomic(out / 'config.json', as_json)
-  # Self-contained, so that a copy of it works anywhere (absl reads config files from
-  # local disk only: copy it from a bucket first).
-  storage.write_atomic(out / 'config.py', (
-      f'"""The config of the model in this workdir (written by {written_by})."""\n'
-      'import json\nimport ml_collections\n\n\ndef get_config():\n'
-      f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
+  several = jax.process_count() > 1
+  if several:  # every process has checked that `out` is new before any makes it
+    multihost_utils.sync_global_devices(f'checked {out}')
+  if jax.process_index() == 0:
+    out.mkdir(parents=True)
+    as_json = config.to_json_best_effort(indent=1)
+    storage.write_atomic(out / 'config.json', as_json)
+    # Self-contained, so that a copy of it works anywhere (absl reads config files from
+    # local disk only: copy it from a bucket first).
+    storage.write_atomic(out / 'config.py', (
+        f'"""The config of the model in this workdir (written by {written_by})."""\n'
+        'import json\nimport ml_collections\n\n\ndef get_config():\n'
+        f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
+  if several:
+    multihost_utils.sync_global_devices(f'made {out}')
   writer = Trainer(config, out)
   state = writer.states.initial()
-  state = state.replace(step=jnp.asarray(step, jnp.int32), params=jax.device_put(
-      params, sharding.param_shardings(params, writer.mesh)))
+  state = state.replace(  # global arrays (on several processes Orbax saves no other kind)
+      step=jax.make_array_from_callback((), state.step.sharding, lambda _: np.int32(step)),
+      params=sharding.params_to_mesh(params, writer.mesh))
   if val_accuracy is None:
     model = writer.plan.model(0)
     val_accuracy = writer.evaluate(model, state.params, writer.val_source)[
