@@ -114,8 +114,11 @@ def run(main):
 
   def guarded(argv):
     try:
-      return main(argv)
+      result = main(argv)
+      processes.finished()
+      return result
     except Interrupted as e:  # saved: not an error, but the run did not finish
+      processes.finished()
       print(e, file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
     except KeyboardInterrupt:

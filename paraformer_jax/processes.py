@@ -1,15 +1,14 @@
 """Several processes (one per host): starting them together, and stopping when one is lost.
 
-A process that dies (kill -9, out of memory, a lost host) cannot tell the others. What they
-see depends on the platform:
-- on CPUs (gloo collectives) the next collective of a process that talks to it fails at once
-  ("Connection closed by peer"): `lost_process` recognizes that error, and the program stops
-  with a message naming the lost process and exit code EXIT_LOST_PROCESS;
-- on TPUs and GPUs a collective with a dead peer does not fail; JAX's coordination service
-  marks a process dead after HEARTBEAT_TIMEOUT_S without a heartbeat and then stops every
-  process (its own message, "Task N heartbeat timeout"; exit by abort);
-- when process 0, which hosts the coordination service, is lost, every other process stops
-  at once (JAX's message: "the leader task was preempted/died").
+A process that dies (kill -9, out of memory, a lost host) cannot tell the others, and a
+collective with a dead peer may wait: on TPUs and GPUs always, on CPUs (gloo) sometimes
+(other times it fails at once, "Connection closed by peer", which `lost_process`
+recognizes). JAX's coordination service marks a process dead after HEARTBEAT_TIMEOUT_S
+without a heartbeat and then aborts every process with its own message, which cannot say
+how to go on. So each process also beats in JAX's key-value store (`Watchdog`), and a process
+that sees another silent for LOST_AFTER_S stops first, with a message naming it and exit
+code EXIT_LOST_PROCESS. When process 0, which hosts the coordination service, is lost, JAX
+stops every other process at once (its message: "the leader task was preempted/died").
 In every case the checkpoints on disk are complete ones (a half-written checkpoint is never
 restored) and the same command, started again on every process, resumes from the last one.
 
@@ -21,13 +20,18 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
+import time
 
 from absl import flags, logging
 
 FLAGS = flags.FLAGS
 
-# A process silent this long is dead. The heartbeats come from a thread of their own, so a
-# long compile or a slow step does not count as silence; JAX's default is 100 s.
+# A process silent this long is dead. The beats come from threads of their own, so a long
+# compile or a slow step is not silence. Ours (the message) come before JAX's (the abort;
+# JAX's default is 100 s).
+BEAT_S = 2
+LOST_AFTER_S = 20
 HEARTBEAT_TIMEOUT_S = 60
 # How long a process that finished waits for the others at exit (JAX's default: 300 s).
 SHUTDOWN_TIMEOUT_S = 60
@@ -35,7 +39,8 @@ EXIT_LOST_PROCESS = 75  # EX_TEMPFAIL: start again (every process) to resume
 
 # What a collective raises on CPUs when a peer process has gone away.
 _LOST_PEER = re.compile(r'Connection (?:closed|reset) by peer|Broken pipe|'
-                        r'heartbeat timeout|Socket closed', re.IGNORECASE)
+                        r'heartbeat timeout|Socket closed|'
+                        r'Gloo context initialization failed', re.IGNORECASE)
 
 
 def define_flags():
@@ -62,6 +67,60 @@ def start():
                              shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    Watchdog().start()
+
+
+_ALIVE = 'paraformer_jax/alive/'
+
+
+class Watchdog(threading.Thread):
+  """Beats every BEAT_S (a counter under _ALIVE in JAX's key-value store: no clocks compared
+  across hosts) and stops this process when another has not beaten for LOST_AFTER_S. A
+  process that ends normally writes 'done' instead (`finished`), and is not waited for."""
+
+  def __init__(self):
+    super().__init__(daemon=True, name='paraformer_watchdog')
+    import jax
+    from jax._src import distributed
+    self.client, self.me = distributed.global_state.client, jax.process_index()
+    self.count = 0
+
+  def run(self):
+    last = {}  # process -> (its counter, when it last changed here)
+    while True:
+      self.count += 1
+      try:
+        self.client.key_value_set(f'{_ALIVE}{self.me}', str(self.count), allow_overwrite=True)
+        beats = self.client.key_value_dir_get(_ALIVE)
+      except Exception:  # noqa: BLE001 (the coordination service is gone: JAX stops us)
+        return
+      now = time.monotonic()
+      for key, value in beats:
+        process = int(key.rsplit('/', 1)[1])
+        if value == 'done' or process == self.me:
+          last.pop(process, None)
+          continue
+        if process not in last or last[process][0] != value:
+          last[process] = (value, now)
+        elif now - last[process][1] > LOST_AFTER_S:
+          print(f'error: lost process {process} of this run: no sign of it for '
+                f'{LOST_AFTER_S} s; it died or its host went away, and this process '
+                f'({self.me}) stops too. {_RESUME}', file=sys.stderr, flush=True)
+          exit_now(EXIT_LOST_PROCESS)
+      time.sleep(BEAT_S)
+
+
+def finished():
+  """Tells the other processes' watchdogs that this one ends normally (not lost)."""
+  if several():
+    from jax._src import distributed
+    import jax
+    try:
+      distributed.global_state.client.key_value_set(f'{_ALIVE}{jax.process_index()}', 'done',
+                                                    allow_overwrite=True)
+    except Exception:  # noqa: BLE001 (the service is gone already)
+      pass
 
 
 def several() -> bool:
@@ -90,13 +149,24 @@ def lost_message(e: BaseException, lost: str) -> str:
   import jax
   first = next((line for line in str(e).splitlines() if _LOST_PEER.search(line)), str(e))
   return (f'lost {lost} of this run ({first.strip()}): it died or its host went away, and '
-          f'this process ({jax.process_index()} of {jax.process_count()}) stops too. The '
-          f'checkpoints written so far are complete (a half-written one is never restored): '
-          f'start every process again with the same command to resume from the last one.')
+          f'this process ({jax.process_index()} of {jax.process_count()}) stops too. '
+          f'{_RESUME}')
+
+
+_RESUME = ('The checkpoints written so far are complete (a half-written one is never '
+           'restored): start every process again with the same command to resume from the '
+           'last one.')
 
 
 def exit_now(code: int):
-  """Exits without JAX's shutdown barrier (which would wait for a process that is gone)."""
+  """Exits without JAX's shutdown barrier (which would wait for a process that is gone),
+  stopping this process's input workers first (os._exit skips multiprocessing's own exit
+  handler, and a grain worker outlives its parent)."""
+  import multiprocessing
+  for child in multiprocessing.active_children():
+    child.terminate()
+  for child in multiprocessing.active_children():
+    child.join(5)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)

@@ -44,7 +44,7 @@ def _bucket(p: epath.Path) -> epath.Path:
   return epath.Path(f'{scheme}://{rest.split("/", 1)[0]}')
 
 
-def check_access(p, what: str, timeout_s: float = PROBE_TIMEOUT_S):
+def check_access(p, what: str, timeout_s: float | None = None):
   """Fails fast, naming `what` (e.g. '--workdir') and what to set, if a remote path's
   bucket cannot be reached; local paths pass untouched.
 
@@ -54,6 +54,7 @@ def check_access(p, what: str, timeout_s: float = PROBE_TIMEOUT_S):
   if not is_remote(p):
     return
   bucket = _bucket(path(p))
+  timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
   answer = {}
 
   def probe():  # a daemon thread: a hung probe must not hold the process at exit

@@ -118,6 +118,15 @@ def gcs(tmp_path_factory):
     log.close()
 
 
+def copy_to_bucket(data_dir: str, name: str, bucket_dir: str = 'gs://bucket/tfds') -> str:
+  """Copies dataset `name`, prepared in the local `data_dir`, into the bucket as a user
+  would (`gcloud storage cp -r`; gcsfs here); returns the bucket's data_dir."""
+  import gcsfs  # imported once the gcs fixture has set the environment gcsfs reads at import
+  gcsfs.GCSFileSystem(token='anon').put(os.path.join(data_dir, name),
+                                        bucket_dir.removeprefix('gs://') + '/', recursive=True)
+  return bucket_dir
+
+
 @pytest.fixture(scope='session')
 def photos_dir(tmp_path_factory):
   """An imagenet2012 dataset (TFDS array_record, ImageNet's features) of 300 train and 50

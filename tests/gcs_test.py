@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from conftest import preempt_at
+from conftest import copy_to_bucket, preempt_at
 from train_test import tiny_config, trees_equal
 
-from paraformer_jax import storage, train
+from paraformer_jax import input_pipeline, storage, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
@@ -21,9 +21,9 @@ ENV = dict(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  # TFDS's array_record files are read by array_record's own C++ GCS client, which does not
-  # honour the emulator: the dataset stays local (outside the working directory).
-  return str(tmp_path_factory.mktemp('tfds'))
+  path = str(tmp_path_factory.mktemp('tfds'))  # outside the working directory
+  input_pipeline.get_source('sklearn_digits', 'train', path)  # prepared once, here
+  return path
 
 
 def _bucket(path):
@@ -62,7 +62,9 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   straight, preempted = 'gs://bucket/straight', 'gs://bucket/preempted'
-  _main(cwd, data_dir, straight, '--config.profile_steps=(2, 2)')
+  # Its data in the bucket too, read by two worker processes; the other run's is local.
+  _main(cwd, copy_to_bucket(data_dir, 'sklearn_digits'), straight,
+        '--config.profile_steps=(2, 2)', '--config.workers=2')
   _preempted_then_resumed(cwd, data_dir, preempted)
   # The profile of steps 2..3, traced locally, is copied to the bucket.
   traces = list(_bucket(straight + '/profile').glob('plugins/profile/*/*.xplane.pb'))
@@ -77,7 +79,8 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
   assert {'loss', 'val_accuracy'} <= {k for m in logged for k in m}
   assert any(p.name.startswith('events') for p in (_bucket(preempted) / 'tensorboard')
              .iterdir())
-  # Resumed from the bucket, bit-identical to the run that was never interrupted.
+  # Resumed from the bucket, bit-identical to the run that was never interrupted (and that
+  # read its data from the bucket).
   config = tiny_config(data_dir, epochs=1)
   want, got = (train.Trainer(config, w, create=False) for w in (straight, preempted))
   assert got.ckpts.latest_step() == want.ckpts.latest_step() == 13
@@ -125,14 +128,37 @@ def test_an_unreachable_endpoint_fails_within_the_probe_time(tmp_path):
     closed = s.getsockname()[1]  # nothing listens once the socket is closed
   env = {**os.environ, 'STORAGE_EMULATOR_HOST': f'http://127.0.0.1:{closed}',
          'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
-  code = ('from paraformer_jax import storage\n'
-          'storage.check_access("gs://bucket/run", "--workdir", timeout_s=3)')
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=60, cwd=tmp_path)
-  assert out.returncode != 0
-  assert ('--workdir=gs://bucket/run cannot be used: no answer from the storage endpoint '
-          'within 3 s') in out.stderr
-  assert f'STORAGE_EMULATOR_HOST=http://127.0.0.1:{closed}' in out.stderr
+  # The checks a run makes before anything else (run_checks.check_sources): the dataset's
+  # bucket, then the workdir's.
+  code = ('from configs import tiny\nfrom paraformer_jax import run_checks, storage\n'
+          'storage.PROBE_TIMEOUT_S = 3\nconfig = tiny.get_config()\n'
+          'config.data.data_dir = "gs://bucket/tfds"\n'
+          'for workdir in ("local_run", "gs://bucket/run"):\n'
+          '  try:\n'
+          '    run_checks.check_sources(config, workdir)\n'
+          '  except OSError as e:\n'
+          '    print(e)\n'
+          '  config.data.data_dir = ""\n')
+  out = subprocess.run([sys.executable, '-c', code], env={**env, 'PYTHONPATH': REPO},
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  data, workdir = out.stdout.splitlines()
+  assert data.startswith('config.data.data_dir=gs://bucket/tfds cannot be used: no answer '
+                         'from the storage endpoint within 3 s')
+  assert workdir.startswith('--workdir=gs://bucket/run cannot be used: no answer from the '
+                            'storage endpoint within 3 s')
+  assert f'STORAGE_EMULATOR_HOST=http://127.0.0.1:{closed}' in workdir
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_bucket_without_the_dataset_says_how_to_copy_it_there(gcs):
+  del gcs
+  with pytest.raises(FileNotFoundError) as e:
+    input_pipeline.get_source('sklearn_digits', 'train', 'gs://bucket/empty_tfds')
+  assert ("Dataset 'sklearn_digits' is not prepared as array_record in "
+          "data_dir='gs://bucket/empty_tfds'") in str(e.value)
+  assert 'gcloud storage cp -r /tmp/tfds/sklearn_digits gs://bucket/empty_tfds/' in str(e.value)
+  assert not _bucket('gs://bucket/empty_tfds').exists()  # nothing written there
 
 
 def test_atomic_writes_leave_no_temporary_file(gcs, tmp_path):

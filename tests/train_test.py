@@ -718,6 +718,11 @@ def test_compressed_checkpoint_gives_the_logits_of_the_kept_branches(straight_ru
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   with pytest.raises(FileExistsError, match='exists'):
     compress.compress(config, workdir, out, k=2)
+  if select == 'prefix':  # --k outside 1..4 is refused, and nothing is written
+    for k in (0, -1, 5, 9):
+      with pytest.raises(ValueError, match=rf'--k={k}: the model has 4 branches; keep 1\.\.4 '):
+        compress.compress(config, workdir, str(tmp_path / f'k{k}'), k=k)
+      assert not (tmp_path / f'k{k}').exists()
 
 
 def test_best_step_is_chosen_among_the_final_stage_checkpoints(tmp_path):
