@@ -150,3 +150,38 @@ def test_weights_that_do_not_fit_the_config_are_refused_with_the_overrides(tmp_p
                                        r'--config.data.image_size=16'):
     authors_weights.write_workdir(config, state, str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_their_weights_written_by_two_processes_are_those_written_by_one(tmp_path):
+  """`authors_weights` on 2 processes (the branch axis across them; files from process 0)
+  writes the checkpoint and validation accuracy that one process writes."""
+  import os
+  import subprocess
+  import sys
+  from multiprocess_test import REPO, _free_port
+  config = _digits_config()
+  state = _authors_state(np.random.default_rng(4), patch=2, channels=1, classes=10, depth=1)
+  path = str(tmp_path / 'theirs.npz')
+  np.savez(path, **state)
+  one = str(tmp_path / 'one')
+  val = authors_weights.write_workdir(config, authors_weights.load_state(path), one)
+  two, port = str(tmp_path / 'two'), _free_port()
+  m = config.model
+  cmd = [sys.executable, '-m', 'paraformer_jax.authors_weights', '--config=configs/tiny.py',
+         f'--weights={path}', f'--out={two}', f'--config.model.width={m.width}',
+         f'--config.model.num_heads={m.num_heads}', f'--config.model.mlp_dim={m.mlp_dim}',
+         '--config.model.num_branches=2', '--config.model.branch_depth=1',
+         '--config.model.patch_size=2', '--config.model.block_style=reference',
+         '--config.model.pool=cls', '--config.mesh.data=1', '--config.mesh.branch=2',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert f'{two}: their weights, validation accuracy {100 * val:.2f}%' in outs[0]
+  assert 'their weights' not in outs[1]
+  got, want = (train.Trainer(config, w, create=False).restore(0)[0].params for w in (two, one))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               got, want)

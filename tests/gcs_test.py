@@ -62,9 +62,9 @@ def test_a_run_in_a_bucket_end_to_end(gcs, data_dir, tmp_path):
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   straight, preempted = 'gs://bucket/straight', 'gs://bucket/preempted'
-  # Its data in the bucket too, read by two worker processes; the other run's is local.
+  # Its data in the bucket too, read by a worker process; the other run's is local.
   _main(cwd, copy_to_bucket(data_dir, 'sklearn_digits'), straight,
-        '--config.profile_steps=(2, 2)', '--config.workers=2')
+        '--config.profile_steps=(2, 2)', '--config.workers=1')
   _preempted_then_resumed(cwd, data_dir, preempted)
   # The profile of steps 2..3, traced locally, is copied to the bucket.
   traces = list(_bucket(straight + '/profile').glob('plugins/profile/*/*.xplane.pb'))

@@ -157,15 +157,16 @@ def test_compress_on_two_processes_writes_what_one_process_writes(data_dir, two_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kind,branches,depth', [('paraformer', 8, 2), ('pipeline', 1, 4)])
-def test_forward_over_two_processes_equals_one_process(kind, branches, depth):
-  """benchmarks/branch_parallel.py: branches (or pipeline stages) on 2 processes, one core
-  each; every process compares the logits with the same model computed on its own."""
+def test_forward_over_two_processes_equals_one_process():
+  """benchmarks/branch_parallel.py: branches on 2 processes, one core each; every process
+  compares the logits with the same model computed on its own. (Its pipeline baseline,
+  `kind='pipeline'`, runs the same harness; not run here for the suite's time.)"""
+  kind, branches, depth = 'paraformer', 8, 2
   sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   import branch_parallel
-  args = argparse.Namespace(repeats=1, batches='1,8', image_size=8, width=64, micro_batch=4)
+  args = argparse.Namespace(repeats=1, batches='8', image_size=8, width=64, micro_batch=4)
   result = branch_parallel._spawn(kind, branches, depth, 2, args)
-  assert set(result) == {'1', '8', 'max_abs_diff'}
+  assert set(result) == {'8', 'max_abs_diff'}
   assert result['max_abs_diff'] < 1e-4
 
 
@@ -339,13 +340,13 @@ def test_stagewise_across_processes_equals_one_process(data_dir, stagewise_runs,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('source', ['init_from', 'expand_from'])
-def test_init_and_expand_across_processes_equal_one_process(data_dir, stagewise_runs,
-                                                            tmp_path, source):
-  overrides = {source: stagewise_runs[0]['one'], 'training.mode': 'joint'}
-  if source == 'expand_from':
-    overrides['model.num_branches'] = 2  # two new branches beside the four of the source
-    overrides['data.classes'] = '5-9'  # and five new classes
+def test_expand_across_processes_equals_one_process(data_dir, stagewise_runs, tmp_path):
+  """Expansion builds its state from another run's parameters inside jitted functions (as
+  init_from does, which the bucket test runs on one process): two new branches beside the
+  four of the source, and five new classes."""
+  source = 'expand_from'
+  overrides = {source: stagewise_runs[0]['one'], 'training.mode': 'joint',
+               'model.num_branches': 2, 'data.classes': '5-9'}
   results = []
   for processes in (1, 2):
     workdir = str(tmp_path / f'p{processes}')
