@@ -151,6 +151,27 @@ def test_an_unreachable_endpoint_fails_within_the_probe_time(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_imagenet_jpegs_in_a_bucket_give_the_batches_of_the_local_copy(gcs, photos_dir):
+  """The sample-photos imagenet2012 copied up: its JPEGs read from the bucket through
+  array_record's C++ reader, by two worker processes, make the local copy's batches."""
+  del gcs
+  from configs import imagenet
+  bucket = copy_to_bucket(photos_dir, 'imagenet2012', 'gs://bucket/photos_tfds')
+  data = imagenet.get_config().data
+  local, remote = (input_pipeline.get_source('imagenet2012', 'train', d)
+                   for d in (photos_dir, bucket))
+  assert len(remote) == len(local) == 300
+  want, got = (input_pipeline.train_batches(source, data, 8, seed=2)
+               for source in (local, remote))
+  it = input_pipeline.iterate(got, 5, workers=2)
+  for b in (5, 6):
+    batch = next(it)
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(batch[key], want[b][key])
+  it.close()
+
+
 def test_a_bucket_without_the_dataset_says_how_to_copy_it_there(gcs):
   del gcs
   with pytest.raises(FileNotFoundError) as e:
