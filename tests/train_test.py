@@ -304,6 +304,24 @@ def test_lpa_counts_one_update_per_prefix_and_one_per_full_step(images):
   assert int(state.opt_state['shared'][0].count) == 5 and int(state.step) == 2
 
 
+def test_padding_rows_count_for_nothing_even_when_classified_correctly(images):
+  """A model that predicts class 0 everywhere, on a batch of 3 examples (labels 0, 3, 0)
+  padded to 8 with rows of label 0: every prefix gets 2 right out of 3, not 7 out of 8."""
+  model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  params['head']['out']['bias'] = params['head']['out']['bias'].at[0].set(1e4)
+  mask = jnp.array([1, 1, 1, 0, 0, 0, 0, 0], jnp.float32)
+  batch = {'image': images, 'label': jnp.array([0, 3, 0, 0, 0, 0, 0, 0]), 'mask': mask}
+  sums = steps.make_eval_step(model, _mesh1())(params, batch)
+  np.testing.assert_array_equal(sums['correct'], [2, 2])
+  assert float(sums['count']) == 3
+  # The loss of the padding rows (label 0, predicted with certainty) is 0 anyway; the 3
+  # examples' loss is that of the one wrong row (label 3).
+  logits = model.apply({'params': params}, images[1:2])
+  want = float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([3]))[0])
+  np.testing.assert_allclose(float(sums['loss_sum']), want, rtol=1e-4)
+
+
 def test_lpa_learning_rate_is_a_function_of_the_minibatch_step(images):
   """Warmup from 0: every one of the L + 1 updates of minibatch 0 uses lr(0) = 0, for
   branches and shared parameters alike (optax's own count reached lr > 0 within the pass)."""
