@@ -20,6 +20,9 @@ def check_config(config, mesh):
   t = config.training
   if t.mode not in steps.MODES:
     raise ValueError(f'config.training.mode={t.mode!r}; choose one of {steps.MODES}.')
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={config.model.dtype!r}: use one of {DTYPES}, e.g. '
+                     f'--config.model.dtype=bfloat16.')
   check_ranges(config)
   model = build_model(config)
   input_pipeline.check_config(config.data, t.batch_size // sharding.data_shard(mesh)[1])
@@ -44,6 +47,8 @@ def check_config(config, mesh):
   jax.eval_shape(model.init, jax.random.PRNGKey(0),
                  jnp.zeros((1, config.data.image_size, config.data.image_size, 1)))
 
+
+DTYPES = ('float32', 'bfloat16')  # the model's compute dtype (parameters: float32)
 
 # (field, test, what it accepts): numbers that cannot work are refused before anything runs
 # (a negative learning rate trained to chance accuracy and exited 0).
@@ -95,6 +100,9 @@ RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'm
 
 def check_workdir(config, workdir: str):
   """Refuse to resume a run in a workdir whose checkpoints came from other settings."""
+  if storage.path(workdir).is_file():
+    raise NotADirectoryError(f'--workdir={workdir} is a file; pass a directory: a new one, or '
+                             f'the workdir of a run to resume.')
   path = storage.path(workdir) / 'config.json'
   if not path.exists():
     return

@@ -23,6 +23,12 @@ CASES = {
     'negative learning rate': (['--config.training.learning_rate=-1e-3'],
                                'error: config.training.learning_rate=-0.001: use a number > 0.',
                                None),
+    'workdir that is a file': (['--workdir={root}/a_file'],
+                               'error: --workdir={root}/a_file is a file; pass a directory: a new '
+                               'one, or the workdir of a run to resume.', None),
+    'dtype shorthand': (['--config.model.dtype=bf16'],
+                        "error: config.model.dtype='bf16': use one of ('float32', 'bfloat16'), "
+                        'e.g. --config.model.dtype=bfloat16.', None),
     'dataset typo': (['--config.data.name=sklearn_digitz'],
                      "error: Unknown dataset 'sklearn_digitz' (config.data.name). Did you mean "
                      "'sklearn_digits'? Use a TFDS name such as 'cifar10', 'imagenet2012' or "
@@ -56,6 +62,8 @@ def refusals(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('refusals'))
   data_dir = os.path.join(root, 'tfds')
   input_pipeline.get_source('sklearn_digits', 'train', data_dir)  # built once, here
+  with open(os.path.join(root, 'a_file'), 'w') as f:  # a --workdir that is a file
+    f.write('kept')
   env = dict(os.environ, PARAFORMER_VERBOSE='')
   procs = {}
   for name, (args, _, _) in CASES.items():
@@ -86,7 +94,9 @@ def test_a_refusal_is_one_message_with_exit_2_and_writes_nothing(refusals, case)
     assert ours[-1] == last
   assert len(ours) <= 3 and 'Traceback' not in err, err[-3000:]
   assert not os.path.exists(workdir) and not os.path.exists(os.path.join(root, 'no_such_run'))
-  assert sorted(os.listdir(root)) == ['tfds']
+  assert sorted(os.listdir(root)) == ['a_file', 'tfds']
+  with open(os.path.join(root, 'a_file')) as f:
+    assert f.read() == 'kept'
 
 
 @pytest.mark.slow
