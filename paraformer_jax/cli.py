@@ -134,7 +134,8 @@ def run(main):
     except Exception as e:  # noqa: BLE001 (a lost process, or a bug)
       lost = processes.lost_process(e)
       if lost:
-        exit_with(e, processes.EXIT_LOST_PROCESS, processes.lost_message(e, lost))
+        exit_with(e, processes.EXIT_LOST_PROCESS,
+                  processes.lost_message(lost, processes.error_cause(e)))
       if not processes.several():
         raise
       traceback.print_exc()  # a bug: its traceback, without waiting for the other processes

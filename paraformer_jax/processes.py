@@ -82,8 +82,7 @@ class Watchdog(threading.Thread):
   def __init__(self):
     super().__init__(daemon=True, name='paraformer_watchdog')
     import jax
-    from jax._src import distributed
-    self.client, self.me = distributed.global_state.client, jax.process_index()
+    self.client, self.me = _client(), jax.process_index()
     self.count = 0
 
   def run(self):
@@ -104,9 +103,9 @@ class Watchdog(threading.Thread):
         if process not in last or last[process][0] != value:
           last[process] = (value, now)
         elif now - last[process][1] > LOST_AFTER_S:
-          print(f'error: lost process {process} of this run: no sign of it for '
-                f'{LOST_AFTER_S} s; it died or its host went away, and this process '
-                f'({self.me}) stops too. {_RESUME}', file=sys.stderr, flush=True)
+          print('error: ' + lost_message(f'process {process}',
+                                         f'no sign of it for {LOST_AFTER_S} s'),
+                file=sys.stderr, flush=True)
           exit_now(EXIT_LOST_PROCESS)
       time.sleep(BEAT_S)
 
@@ -114,22 +113,27 @@ class Watchdog(threading.Thread):
 def finished():
   """Tells the other processes' watchdogs that this one ends normally (not lost)."""
   if several():
-    from jax._src import distributed
     import jax
     try:
-      distributed.global_state.client.key_value_set(f'{_ALIVE}{jax.process_index()}', 'done',
-                                                    allow_overwrite=True)
+      _client().key_value_set(f'{_ALIVE}{jax.process_index()}', 'done', allow_overwrite=True)
     except Exception:  # noqa: BLE001 (the service is gone already)
       pass
 
 
+def _client():
+  """jax.distributed's client (its key-value store), or None when it was not started."""
+  if 'jax' not in sys.modules:  # never start JAX only to ask
+    return None
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def several() -> bool:
-  """Whether this program runs as one of several processes (without starting JAX)."""
-  if 'jax' not in sys.modules:
+  """Whether this program runs as one of several processes."""
+  if _client() is None:
     return False
   import jax
-  from jax._src import distributed
-  return distributed.global_state.client is not None and jax.process_count() > 1
+  return jax.process_count() > 1
 
 
 def lost_process(e: BaseException) -> str | None:
@@ -145,17 +149,18 @@ def lost_process(e: BaseException) -> str | None:
   return f'the process at {address.group(1)}' if address else 'another process'
 
 
-def lost_message(e: BaseException, lost: str) -> str:
+def error_cause(e: BaseException) -> str:
+  """The line of a lost-peer error that says so."""
+  return next((line for line in str(e).splitlines() if _LOST_PEER.search(line)),
+              str(e)).strip()
+
+
+def lost_message(lost: str, cause: str) -> str:
   import jax
-  first = next((line for line in str(e).splitlines() if _LOST_PEER.search(line)), str(e))
-  return (f'lost {lost} of this run ({first.strip()}): it died or its host went away, and '
-          f'this process ({jax.process_index()} of {jax.process_count()}) stops too. '
-          f'{_RESUME}')
-
-
-_RESUME = ('The checkpoints written so far are complete (a half-written one is never '
-           'restored): start every process again with the same command to resume from the '
-           'last one.')
+  return (f'lost {lost} of this run ({cause}): it died or its host went away, and this '
+          f'process ({jax.process_index()} of {jax.process_count()}) stops too. The '
+          f'checkpoints written so far are complete (a half-written one is never restored): '
+          f'start every process again with the same command to resume from the last one.')
 
 
 def exit_now(code: int):
