@@ -1,7 +1,10 @@
 """The authors' PyTorch weights as our parameters: compare, evaluate or fine-tune their models.
 
-The authors' model is `ViP` in models/ParaFormer.py of github.com/DUAT-Maker/Shallow-Paraformer
-(their checkpoints are its `state_dict`). Its computation is our `block_style='reference'`,
+The authors' models are in models/ParaFormer.py of github.com/DUAT-Maker/Shallow-Paraformer,
+in two layouts of the same computation: `ViP` (its branches named `paratransformer.blocks.{i}.
+{j}.*`, the file at commit 7aa4532) and `ParaFormer`, which their train_ParaFormer.py builds and
+saves (`paraformerbranches.branches.{i}.{j}.*`; the file was models/ParaFormer2.py until
+b2cd33d). Both `state_dict`s load. Their computation is our `block_style='reference'`,
 `pool='cls'` model: the same patch order, LayerNorm epsilon (1e-5), residuals, exact GELU
 and bias-free qkv, so the same weights give the same logits (`tests/authors_weights_test.py`
 against a numpy transcription of their forward; `benchmarks/authors_pytorch.py` against
@@ -40,15 +43,25 @@ from paraformer_jax import cli, processes, run_checks, storage, train
 from paraformer_jax.model import HEAD_DIM, ParaFormer
 
 _BLOCK = re.compile(r'paratransformer\.blocks\.(\d+)\.(\d+)\.')
+# ParaFormer's names for ViP's: the same modules, the same shapes.
+_PARAFORMER_BRANCHES = 'paraformerbranches.branches.'
+_VIP_BLOCKS = 'paratransformer.blocks.'
+
+
+def _vip_names(state: Mapping[str, np.ndarray]) -> dict:
+  return {_VIP_BLOCKS + k.removeprefix(_PARAFORMER_BRANCHES)
+          if k.startswith(_PARAFORMER_BRANCHES) else k: v for k, v in state.items()}
 
 
 def _sizes(state: Mapping[str, np.ndarray]) -> dict:
   """ParaFormer's size arguments read off the shapes of the authors' state_dict."""
+  state = _vip_names(state)
   found = [m for m in map(_BLOCK.match, state) if m]
   if not found or 'to_patch_embedding.1.weight' not in state:
-    raise ValueError("This is not a state_dict of the authors' ViP (models/ParaFormer.py): "
-                     'no paratransformer.blocks.* or to_patch_embedding.1.weight entries. '
-                     'Pass the dict their train_ParaFormer2.py saves (net.state_dict()).')
+    raise ValueError("This is not a state_dict of the authors' ParaFormer or ViP "
+                     '(models/ParaFormer.py): no paraformerbranches.branches.* or '
+                     'paratransformer.blocks.* entries, or no to_patch_embedding.1.weight. '
+                     'Pass the dict their train_ParaFormer.py saves (net.state_dict()).')
   width, patch_dim = state['to_patch_embedding.1.weight'].shape
   channels = 3 if patch_dim % 3 == 0 and math.isqrt(patch_dim // 3) ** 2 == patch_dim // 3 else 1
   heads = state['paratransformer.blocks.0.0.fn.to_out.0.weight'].shape[1] // HEAD_DIM
@@ -72,8 +85,9 @@ def model_for(state: Mapping[str, np.ndarray], num_classes: int | None = None,
 
 
 def to_params(state: Mapping[str, np.ndarray]) -> dict:
-  """Our params tree (float32 numpy) from the authors' ViP `state_dict` (name -> array)."""
-  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  """Our params tree (float32 numpy) from the authors' `state_dict` (name -> array), in
+  either layout."""
+  state = {k: np.asarray(v, np.float32) for k, v in _vip_names(state).items()}
   sizes = _sizes(state)
   branches, depth, width = sizes['num_branches'], sizes['branch_depth'], sizes['width']
   heads = sizes['num_heads']
@@ -119,7 +133,8 @@ def to_params(state: Mapping[str, np.ndarray]) -> dict:
 
 def load_state(path: str) -> dict:
   """Their state_dict as {name: numpy array}, from an .npz or a torch checkpoint (local or
-  gs://). DataParallel's 'module.' prefix is dropped."""
+  gs://), under ViP's names whichever layout saved it. DataParallel's 'module.' prefix is
+  dropped."""
   file = storage.path(path)
   if not file.exists():
     raise FileNotFoundError(f'--weights={path} does not exist: pass the file their training '
@@ -136,7 +151,7 @@ def load_state(path: str) -> dict:
                        'v.numpy() for k, v in torch.load(PATH).items()}).') from None
     loaded = torch.load(io.BytesIO(data), map_location='cpu')
     state = {k: v.numpy() for k, v in loaded.get('state_dict', loaded).items()}
-  return {k.removeprefix('module.'): v for k, v in state.items()}
+  return _vip_names({k.removeprefix('module.'): v for k, v in state.items()})
 
 
 def check_config(config, state: Mapping[str, np.ndarray]):

@@ -2,7 +2,9 @@
 
 Their model's forward is transcribed below in float64 numpy from models/ParaFormer.py of
 github.com/DUAT-Maker/Shallow-Paraformer (ViP.forward, ParaTransformer, PreNorm, Attention,
-FeedForward), on NCHW images as they take them; no code of ours is used for it.
+FeedForward at 7aa4532; ParaFormer.forward and ParaFormer.Branches at b2cd33d, which name
+the branches' modules differently), on NCHW images as they take them; no code of ours is
+used for it.
 """
 import jax
 import jax.numpy as jnp
@@ -14,10 +16,12 @@ from configs import tiny
 from paraformer_jax import authors_weights, input_pipeline, storage, train
 
 BRANCHES, DEPTH, WIDTH, HEADS, MLP, PATCH, CLASSES = 2, 2, 192, 3, 64, 4, 7
+VIP = 'paratransformer.blocks.'  # ViP.paratransformer.blocks[i][j]
+PARAFORMER = 'paraformerbranches.branches.'  # ParaFormer.paraformerbranches.branches[i][j]
 
 
 def _authors_state(rng, heads=HEADS, patch=PATCH, channels=3, classes=CLASSES, side=8,
-                   depth=DEPTH):
+                   depth=DEPTH, layout=VIP):
   """A random state_dict with the authors' names and torch's [out, in] Linear layout."""
   inner = 64 * heads
   tokens = (side // patch) ** 2 + 1
@@ -30,7 +34,7 @@ def _authors_state(rng, heads=HEADS, patch=PATCH, channels=3, classes=CLASSES, s
        'mlp_head.1.bias': rng.normal(0, 0.1, classes)}
   for b in range(BRANCHES):
     for layer in range(2 * depth):
-      pre = f'paratransformer.blocks.{b}.{layer}.'
+      pre = f'{layout}{b}.{layer}.'
       s[pre + 'norm.weight'] = rng.normal(1, 0.1, WIDTH)
       s[pre + 'norm.bias'] = rng.normal(0, 0.1, WIDTH)
       if layer % 2 == 0:
@@ -50,8 +54,8 @@ def _layer_norm(x, weight, bias):  # torch's nn.LayerNorm: eps 1e-5, biased vari
   return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * weight + bias
 
 
-def _authors_forward(s, img, p=PATCH, depth=DEPTH):
-  """ViP.forward in eval mode (dropout off), img [b, c, h, w]."""
+def _authors_forward(s, img, p=PATCH, depth=DEPTH, layout=VIP):
+  """ViP.forward or ParaFormer.forward in eval mode (dropout off), img [b, c, h, w]."""
   b, c, h, w = img.shape
   # Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')
   x = img.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 3, 5, 1)
@@ -62,7 +66,7 @@ def _authors_forward(s, img, p=PATCH, depth=DEPTH):
   for i in range(BRANCHES):
     y = x
     for layer in range(2 * depth):
-      pre = f'paratransformer.blocks.{i}.{layer}.'
+      pre = f'{layout}{i}.{layer}.'
       y = _layer_norm(y, s[pre + 'norm.weight'], s[pre + 'norm.bias'])  # PreNorm
       if layer % 2 == 0:  # Attention(...)(x) + x, x being the normed input
         q, k, v = np.split(y @ s[pre + 'fn.to_qkv.weight'].T, 3, axis=-1)
@@ -83,9 +87,13 @@ def _authors_forward(s, img, p=PATCH, depth=DEPTH):
   return x @ s['mlp_head.1.weight'].T + s['mlp_head.1.bias']
 
 
-def test_authors_weights_give_the_authors_logits():
+@pytest.mark.parametrize('layout', [VIP, PARAFORMER])
+def test_authors_weights_give_the_authors_logits(layout, tmp_path):
   rng = np.random.default_rng(0)
-  state = _authors_state(rng)
+  state = _authors_state(rng, layout=layout)
+  np.savez(tmp_path / 'w.npz', **state)
+  assert sorted(authors_weights.load_state(str(tmp_path / 'w.npz'))) == sorted(
+      _authors_state(rng, layout=VIP))  # either layout loads under ViP's names
   images = rng.normal(0, 1, (3, 8, 8, 3))  # NHWC, ours
   model = authors_weights.model_for(state)
   assert (model.num_branches, model.branch_depth, model.width, model.num_heads, model.mlp_dim,
@@ -93,7 +101,7 @@ def test_authors_weights_give_the_authors_logits():
                                                    CLASSES)
   ours = model.apply({'params': authors_weights.to_params(state)},
                      jnp.asarray(images, jnp.float32))
-  want = _authors_forward(state, images.transpose(0, 3, 1, 2))
+  want = _authors_forward(state, images.transpose(0, 3, 1, 2), layout=layout)
   assert np.abs(want).max() > 1  # logits of some size, so the tolerance below means something
   np.testing.assert_allclose(np.asarray(ours), want, atol=1e-5, rtol=0)  # float32: 1.6e-6
 
