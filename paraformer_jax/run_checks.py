@@ -89,13 +89,14 @@ def check_ranges(config):
       raise ValueError(f'config.{field}={value!r}: use {accepts}.')
 
 
-# Settings that give saved checkpoints their meaning: resuming under other values is refused.
+# Settings that give saved checkpoints their meaning: resuming under other values is refused
+# (data.train_split: the examples an epoch is made of, and so the steps and what was seen).
 # (model.dtype, dropout and branch_strategy may change: the parameters stay the same.)
 RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'model.mlp_dim',
                 'model.num_branches', 'model.branch_depth', 'model.block_style', 'model.pool',
                 'data.name', 'data.num_classes', 'data.image_size', 'training.mode',
                 'training.batch_size', 'training.branches_per_stage', 'training.schedule',
-                'data.classes', 'expand_from', 'replay_per_class')
+                'data.classes', 'data.train_split', 'expand_from', 'replay_per_class')
 
 
 def check_workdir(config, workdir: str):
@@ -108,8 +109,10 @@ def check_workdir(config, workdir: str):
     return
   saved = json.loads(path.read_text())
   current = json.loads(config.to_json_best_effort())
+  # The epochs set a stage's steps, and with the cosine the schedule, as the warmup does.
   keys = RUN_DEFINING + (('training.epochs',) if config.training.mode == 'stagewise' or
-                         config.training.schedule != 'constant' else ())
+                         config.training.schedule != 'constant' else ()) + (
+      ('training.warmup_epochs',) if config.training.schedule != 'constant' else ())
 
   def get(tree, key):
     for part in key.split('.'):

@@ -189,6 +189,18 @@ def test_a_workdir_of_another_run_is_refused_and_kept(straight_run):
   with pytest.raises(ValueError, match=r'model.num_branches: 4 in the workdir, 8 now'):
     train.evaluate_checkpoint(other, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
+  # The examples an epoch is made of define the run; with the cosine, so does its warmup.
+  split = tiny_config(config.data.data_dir, epochs=1)
+  split.data.train_split = 'train[:50%]'
+  with pytest.raises(ValueError, match=r"data.train_split: 'train' in the workdir, "
+                                       r"'train\[:50%\]' now"):
+    run_checks.check_workdir(split, workdir)
+  warmup = tiny_config(config.data.data_dir, epochs=1)
+  warmup.training.warmup_epochs = 0.5
+  run_checks.check_workdir(warmup, workdir)  # a constant learning rate has no warmup
+  warmup.training.schedule = 'cosine'
+  with pytest.raises(ValueError, match=r'training.warmup_epochs: 0.0 in the workdir, 0.5 now'):
+    run_checks.check_workdir(warmup, workdir)
   # A setting that cannot work is refused before anything is written.
   bad = tiny_config(config.data.data_dir, epochs=1, learning_rate=-1e-3)
   with pytest.raises(ValueError, match=r'config.training.learning_rate=-0.001: use a number > 0'):
