@@ -10,18 +10,24 @@ sample_photos.py: real photographs, ~500x375, JPEG quality 90) and measures, in 
   (c) the full train pipeline (grain, batches as the trainer gets them) with 1 and 2 worker
       processes;
   (d) the eval pipeline, per example in this process and with 1 worker process;
-  (e) the authors' CIFAR recipe at 224 px per example (32x32 PNGs), for comparison.
+  (e) the authors' CIFAR recipe at 224 px per example (32x32 PNGs), for comparison;
+  (f) with --big_vision_python and --big_vision: big_vision's own tf.data preprocessing of
+      the same JPEGs on one core (benchmarks/big_vision_input.py, run by that Python, which
+      has TensorFlow 2.15 and tensorflow-addons), and (b) over it.
 (a), (b), (d, in-process) and (e) run on one core; (c) and (d, 1 worker) use that many
 worker processes (the main process only collects batches).
 
 Then the worker processes a v5e / v4 host needs to keep its chips fed, from the model's
 FLOPs and an assumed MFU (--mfu), for the imagenet config and the authors' CIFAR recipe.
 
-  python benchmarks/input_pipeline.py [--batch=64] [--seconds=10] [--mfu=0.4]
+  python benchmarks/input_pipeline.py [--batch=64] [--seconds=10] [--mfu=0.4] \
+      [--big_vision_python=TF_VENV/bin/python --big_vision=BIG_VISION_CHECKOUT]
 """
 import argparse
 import io
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +77,9 @@ def main():
   parser.add_argument('--workers', default='1,2')
   parser.add_argument('--mfu', type=float, default=0.4,
                       help='assumed model FLOPs utilization for the host-cores estimate')
+  parser.add_argument('--big_vision_python', help='a Python with TensorFlow 2.15 and '
+                      'tensorflow-addons, for (f)')
+  parser.add_argument('--big_vision', help='a big_vision checkout, for (f)')
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
   if not os.path.exists(os.path.join(args.data_dir, 'imagenet2012')):
@@ -92,8 +101,12 @@ def main():
       rate(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert('RGB')), jpegs, args.seconds))
   decode = rate(lambda b: simplejpeg.decode_jpeg(b, 'RGB'), jpegs, args.seconds)
   add('(a) raw JPEG decode, simplejpeg (1 core; the base of the ratios)', decode)
-  add('(b) train preprocessing per example (1 core)',
-      rate(lambda b: augment.train_image(b, prep, rng), jpegs, args.seconds), decode)
+  ours = add('(b) train preprocessing per example (1 core)',
+             rate(lambda b: augment.train_image(b, prep, rng), jpegs, args.seconds), decode)
+  if args.big_vision_python:
+    theirs = big_vision_rate(args, jpegs)
+    add("(f) big_vision's tf.data train preprocessing (1 core)", theirs, decode)
+    print(f'(b) / (f): {ours / theirs:.2f}x', flush=True)
   batches = input_pipeline.train_batches(train, data, args.batch, seed=0)
   per_worker = {}
   for w in [int(w) for w in args.workers.split(',')]:
@@ -120,6 +133,19 @@ def main():
     print(f'{hi} workers / {lo}: {r_hi / r_lo:.2f}x')
   one = min(per_worker.items())
   host_cores({'imagenet': one[1] / one[0], 'cifar10': cifar_rate}, args.mfu)
+
+
+def big_vision_rate(args, jpegs):
+  """benchmarks/big_vision_input.py's img/s over `jpegs`, in the --big_vision_python."""
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, b in enumerate(jpegs):
+      with open(os.path.join(tmp, f'{i:05d}.jpg'), 'wb') as f:
+        f.write(b)
+    out = subprocess.run(
+        [args.big_vision_python, os.path.join(os.path.dirname(__file__), 'big_vision_input.py'),
+         f'--big_vision={args.big_vision}', f'--jpegs={tmp}', f'--seconds={args.seconds}'],
+        capture_output=True, text=True, check=True, timeout=600).stdout
+  return float(re.search(r'([0-9.]+) img/s', out).group(1))
 
 
 # (bf16 peak FLOP/s per chip, chips per host, vCPUs per host) of the hosts our users run on.

@@ -37,8 +37,9 @@ def get_config():
   data.crop_scale = (0.08, 1.0)  # 'inception': area fraction range
   data.crop_ratio = (3 / 4, 4 / 3)  # 'inception': aspect ratio (w / h) range
   data.flip = True  # train: random horizontal flip
+  data.randaugment = 'authors'  # their randomaug.py; or 'big_vision' (randaugment.py)
   data.randaugment_layers = 2  # train: RandAugment N (0: off)
-  data.randaugment_magnitude = 14  # train: RandAugment M, on the 0..30 scale
+  data.randaugment_magnitude = 14  # train: RandAugment M, on the op set's scale (authors: 0..30)
   data.mixup = 0.0  # train: mixup's Beta(a, a) parameter a (0: off); labels become soft
   data.cutmix = 0.0  # train: CutMix's Beta(a, a) parameter (0: off); both on: 50/50 per pair
   # Eval: 'resize' (squash the whole image) or 'center' (shorter side to
@@ -60,6 +61,9 @@ def get_config():
   model.dropout = 0.1  # embedding, attention-output and MLP dropout
   model.block_style = 'reference'  # 'prenorm' (x + f(LN x)) or 'reference' (f(LN x) + LN x)
   model.pool = 'cls'  # 'cls' token or 'mean' over tokens
+  model.posemb = 'learned'  # or 'sincos2d': big_vision's fixed 2-D sin-cos (width % 4 == 0)
+  model.pre_logits = False  # big_vision's pre-logits layer, Dense(width) + tanh, in the head
+  model.head_zero_init = False  # the head's last layer starts at zero (big_vision)
   # Initial values: 'torch' (the authors': nn.Linear's U(+-1/sqrt(fan_in)), cls and positions
   # N(0, 1)), 'jax' (Flax's defaults), 'auto' (torch in reference style, else jax).
   model.param_init = 'auto'
@@ -76,13 +80,14 @@ def get_config():
   training.mode = 'lpa'  # 'lpa', 'lpa_fused', 'stagewise' or 'joint' (see steps.py)
   training.epochs = 300  # epochs (per stage when stagewise); an lpa epoch is two passes
   training.batch_size = 500  # global batch, split over processes and the 'data' axis
-  training.optimizer = 'adam'  # 'adam' or 'adamw'
+  training.optimizer = 'adam'  # 'adam', 'adamw' or 'adam_kernel_decay' (optim.make_tx)
   training.learning_rate = 1e-4  # peak learning rate
   training.schedule = 'constant'  # 'constant' or 'cosine' (with linear warmup)
   training.warmup_epochs = 0.0  # cosine only
-  training.weight_decay = 0.0  # adamw only
+  training.weight_decay = 0.0  # adamw, adam_kernel_decay only
   training.label_smoothing = 0.0  # targets mixed with the uniform distribution
-  training.clip_norm = 1.0  # global-norm clipping of the lpa prefix updates
+  training.clip_norm = 1.0  # global-norm clipping of the lpa prefix updates (the authors')
+  training.grad_clip_norm = 0.0  # global-norm clipping of every update, any mode (0: off)
   training.branches_per_stage = 1  # stagewise: branches added (and trained) per stage
   training.train_embed_in_later_stages = False  # stagewise: keep training the embedding?
   training.train_head_in_later_stages = True  # stagewise: keep training the head?

@@ -130,7 +130,8 @@ def compile_train_step(config, channels: int = 3, devices=None, batch: int | Non
   model = plan.model(stage)
   step = steps.make_train_step(model, mesh, tx, config.training.mode, plan.frozen_keys(stage),
                                config.training.clip_norm,
-                               label_smoothing=config.training.label_smoothing)
+                               label_smoothing=config.training.label_smoothing,
+                               grad_clip_norm=config.training.grad_clip_norm)
   lpa_pass = config.training.mode == 'lpa'  # its LPA step is the heaviest
   lowered = step.lower(state, {'image': images, 'label': labels, 'mask': mask},
                        lpa_pass=lpa_pass)

@@ -4,60 +4,15 @@ Two recipes (config.data.train_crop): the authors' CIFAR one ('pad') and ImageNe
 ('inception'); see `train_image`.
 """
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
-from paraformer_jax import images
-
-MAX_MAGNITUDE = 30  # RandAugment magnitudes are on a 0..30 scale, as in the authors' code
+from paraformer_jax import images, randaugment
 
 
-def _gray(img):
-  """Mid-gray in the image's mode: Pillow reads a bare 128 on an RGB image as (128, 0, 0)."""
-  return (128,) * len(img.getbands())
-
-
-def _affine(img, matrix):
-  # Nearest neighbour, like rotate and like the references' RandAugments (torchvision's,
-  # TF's used by big_vision, PIL ones): bilinear cost 13x more at 224 px.
-  return img.transform(img.size, Image.AFFINE, matrix, fillcolor=_gray(img))
-
-
-def _signed(v, rng):
-  return v if rng.random() < 0.5 else -v
-
-
-# Each op: (PIL image, strength in [0, 1], rng) -> PIL image.
-RAND_AUGMENT_OPS = {
-    'identity': lambda img, s, rng: img,
-    'autocontrast': lambda img, s, rng: ImageOps.autocontrast(img),
-    'equalize': lambda img, s, rng: ImageOps.equalize(img),
-    'rotate': lambda img, s, rng: img.rotate(_signed(30 * s, rng), fillcolor=_gray(img)),
-    'solarize': lambda img, s, rng: ImageOps.solarize(img, int(256 - 256 * s)),
-    'posterize': lambda img, s, rng: ImageOps.posterize(img, max(1, int(8 - 4 * s))),
-    'contrast': lambda img, s, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * s, rng)),
-    'brightness': lambda img, s, rng: ImageEnhance.Brightness(img).enhance(
-        1 + _signed(0.9 * s, rng)),
-    'sharpness': lambda img, s, rng: ImageEnhance.Sharpness(img).enhance(
-        1 + _signed(0.9 * s, rng)),
-    'color': lambda img, s, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * s, rng)),
-    'shear_x': lambda img, s, rng: _affine(img, (1, _signed(0.3 * s, rng), 0, 0, 1, 0)),
-    'shear_y': lambda img, s, rng: _affine(img, (1, 0, 0, _signed(0.3 * s, rng), 1, 0)),
-    'translate_x': lambda img, s, rng: _affine(
-        img, (1, 0, _signed(0.45 * s * img.size[0], rng), 0, 1, 0)),
-    'translate_y': lambda img, s, rng: _affine(
-        img, (1, 0, 0, 0, 1, _signed(0.45 * s * img.size[1], rng))),
-}
-
-
-def _rand_augment(img: Image.Image, layers: int, magnitude: int, rng) -> Image.Image:
-  for name in rng.choice(list(RAND_AUGMENT_OPS), size=layers):
-    img = RAND_AUGMENT_OPS[name](img, magnitude / MAX_MAGNITUDE, rng)
-  return img
-
-
-def rand_augment(image: np.ndarray, layers: int, magnitude: int, rng) -> np.ndarray:
-  """`layers` ops drawn uniformly, each at strength magnitude / 30; uint8 HWC in and out."""
-  img = _rand_augment(images.to_pil(image), layers, magnitude, rng)
+def rand_augment(image: np.ndarray, prep, rng) -> np.ndarray:
+  """config.data.randaugment's ops (randaugment.py), uint8 HWC in and out."""
+  img = randaugment.apply(images.to_pil(image), prep.randaugment, prep.randaugment_layers,
+                          prep.randaugment_magnitude, rng)
   return np.asarray(img, np.uint8).reshape(image.shape)
 
 
@@ -97,11 +52,11 @@ def train_image(data, prep, rng) -> np.ndarray:
     if prep.flip and rng.random() < 0.5:
       image = images.flip_left_right(image)
     if prep.randaugment_layers:
-      image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+      image = rand_augment(image, prep, rng)
     return image
   image = images.decode(data, prep.channels)
   if prep.randaugment_layers:
-    image = rand_augment(image, prep.randaugment_layers, prep.randaugment_magnitude, rng)
+    image = rand_augment(image, prep, rng)
   image = random_crop(resize(image, prep.image_size), prep.crop_padding, rng)
   return image[:, ::-1] if prep.flip and rng.random() < 0.5 else image
 

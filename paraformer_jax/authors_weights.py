@@ -156,7 +156,8 @@ def load_state(path: str) -> dict:
 
 def check_config(config, state: Mapping[str, np.ndarray]):
   """Refuses a config whose model the weights do not fit, naming the overrides that fit."""
-  want = dict(_sizes(state), block_style='reference', pool='cls')
+  want = dict(_sizes(state), block_style='reference', pool='cls', posemb='learned',
+              pre_logits=False)
   fixes = [f'--config.model.{k}={v}' for k, v in want.items() if config.model[k] != v]
   classes = state['mlp_head.1.weight'].shape[0]
   if config.data.num_classes != classes:

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from paraformer_jax import augment
 from paraformer_jax import images
 from paraformer_jax import mixing
+from paraformer_jax import randaugment
 from paraformer_jax.datasets import sklearn_digits
 
 LOCAL_DATASETS = {'sklearn_digits': sklearn_digits.prepare}  # built on demand, offline
@@ -184,6 +185,7 @@ class Preprocess:
   crop_scale: tuple
   crop_ratio: tuple
   flip: bool
+  randaugment: str
   randaugment_layers: int
   randaugment_magnitude: int
   eval_crop: str
@@ -193,8 +195,10 @@ class Preprocess:
 
   @classmethod
   def from_config(cls, data, channels: int):
+    randaugment.check(data.randaugment, data.randaugment_layers, data.randaugment_magnitude,
+                      channels)
     return cls(data.image_size, channels, data.train_crop, data.crop_padding,
-               tuple(data.crop_scale), tuple(data.crop_ratio), data.flip,
+               tuple(data.crop_scale), tuple(data.crop_ratio), data.flip, data.randaugment,
                data.randaugment_layers, data.randaugment_magnitude, data.eval_crop,
                data.eval_crop_fraction, data.mean, data.std)
 
@@ -219,6 +223,7 @@ def check_config(data, local_batch: int):
   for ok, field, accepts in checks:
     if not ok:
       raise ValueError(f'config.data.{field}={getattr(data, field)!r}: use {accepts}.')
+  randaugment.check(data.randaugment, data.randaugment_layers, data.randaugment_magnitude)
   if (data.mixup or data.cutmix) and local_batch % 2:
     raise ValueError(f'Mixup / CutMix mix rows in pairs, but each process loads '
                      f'{local_batch} rows of the batch; use an even batch per process.')

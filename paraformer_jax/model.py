@@ -13,10 +13,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HEAD_DIM = 64  # the papers' (and vit-pytorch's) head width
 BLOCK_STYLES = ('prenorm', 'reference')
 POOLS = ('cls', 'mean')
+POSEMBS = ('learned', 'sincos2d')
+
+
+def posemb_sincos_2d(rows: int, cols: int, width: int, temperature: float = 10_000.):
+  """big_vision's fixed position embedding (MoCo v3's): sin and cos of each patch's column
+  and row at width / 4 frequencies, [1, rows x cols, width] in row-major patch order."""
+  if width % 4:
+    raise ValueError(f"model.posemb='sincos2d' needs a width divisible by 4, not {width}.")
+  y, x = np.mgrid[:rows, :cols]
+  omega = 1. / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+  y, x = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], 1)[None].astype(np.float32)
 BRANCH_STRATEGIES = ('auto', 'vmap', 'scan', 'unrolled', 'fused')
 INITS = ('auto', 'torch', 'jax')
 # LayerNorm epsilon per block style: Flax's default, and torch's (the authors' model).
@@ -484,13 +497,17 @@ def auto_strategy(local_branches: int, tokens_per_branch: int, bytes_per_mlp_row
 
 
 class PatchEmbed(nn.Module):
-  """Patches -> Dense, then a learned cls token and position embedding; shared by all branches."""
+  """Patches -> Dense, then a learned cls token and position embedding; shared by all branches.
+
+  posemb='sincos2d': big_vision's fixed 2-D sin-cos embedding, added to the patches before the
+  cls token joins them (the cls token has no position, as in big_vision)."""
   patch_size: int
   width: int
   dropout: float
   torch_init: bool
   dtype: Any
   platform: str | None = None
+  posemb: str = 'learned'
 
   @nn.compact
   def __call__(self, images, deterministic: bool, noise=None):
@@ -505,17 +522,22 @@ class PatchEmbed(nn.Module):
     # The authors draw cls and positions from N(0, 1); ViT's usual choice is 0.02.
     init = nn.initializers.normal(1.0 if self.torch_init else 0.02)
     cls = self.param('cls', init, (1, 1, self.width))
-    pos = self.param('pos', init, (1, x.shape[1] + 1, self.width))
+    if self.posemb == 'sincos2d':
+      x = x + posemb_sincos_2d(h // p, w // p, self.width).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
-    x = x + pos.astype(x.dtype)
+    if self.posemb == 'learned':
+      x = x + self.param('pos', init, (1, x.shape[1], self.width)).astype(x.dtype)
     return Dropout(self.dropout, self.platform)(x, deterministic, noise)
 
 
 class Head(nn.Module):
   """LayerNorm + Dense on pooled features; works on any leading axes (e.g. one per prefix).
 
-  Without `has_norm` it is the Dense alone, applied to features normalized elsewhere
-  (expansion: the new classes' rows beside the frozen old head, whose LayerNorm they share).
+  `pre_logits` puts big_vision's pre-logits layer (Dense(width) + tanh, `rep_size=True`)
+  between the two; `zero_init` starts the last Dense at zero (big_vision's `head_zeroinit`).
+  Without `has_norm` it is the last Dense alone, applied to features `normalize`d elsewhere
+  (expansion: the new classes' rows beside the frozen old head, whose LayerNorm and pre-logits
+  they share).
   """
   num_classes: int
   width: int
@@ -523,17 +545,24 @@ class Head(nn.Module):
   epsilon: float = 1e-6
   torch_init: bool = False
   has_norm: bool = True
+  pre_logits: bool = False
+  zero_init: bool = False
 
   def setup(self):
     if self.has_norm:
       self.norm = nn.LayerNorm(self.epsilon, dtype=self.dtype)
-    self.out = dense(self.num_classes, self.torch_init, self.width, dtype=self.dtype)
+      if self.pre_logits:
+        self.pre = dense(self.width, self.torch_init, self.width, dtype=self.dtype)
+    init = dict(kernel_init=nn.initializers.zeros) if self.zero_init else {}
+    self.out = dense(self.num_classes, self.torch_init and not self.zero_init, self.width,
+                     dtype=self.dtype, **init)
 
   def normalize(self, pooled):
-    return self.norm(pooled)
+    x = self.norm(pooled)
+    return jnp.tanh(self.pre(x)) if self.pre_logits else x
 
   def __call__(self, pooled, normalized: bool = False):
-    x = pooled if normalized else self.norm(pooled)
+    x = pooled if normalized else self.normalize(pooled)
     return self.out(x).astype(jnp.float32)
 
 
@@ -568,6 +597,9 @@ class ParaFormer(nn.Module):
   dropout: float = 0.0
   block_style: str = 'prenorm'
   pool: str = 'cls'
+  posemb: str = 'learned'  # or 'sincos2d' (fixed; see PatchEmbed)
+  pre_logits: bool = False  # Dense(width) + tanh before the head's last layer
+  head_zero_init: bool = False
   dtype: Any = jnp.float32
   branch_strategy: str = 'auto'
   # Initial values: 'torch' (the authors': torch's nn.Linear defaults, cls and positions
@@ -585,6 +617,8 @@ class ParaFormer(nn.Module):
       raise ValueError(f'block_style={self.block_style!r}; choose one of {BLOCK_STYLES}.')
     if self.pool not in POOLS:
       raise ValueError(f'pool={self.pool!r}; choose one of {POOLS}.')
+    if self.posemb not in POSEMBS:
+      raise ValueError(f'posemb={self.posemb!r}; choose one of {POSEMBS}.')
     if self.branch_strategy not in BRANCH_STRATEGIES:
       raise ValueError(f'branch_strategy={self.branch_strategy!r}; choose one of '
                        f'{BRANCH_STRATEGIES}.')
@@ -593,14 +627,15 @@ class ParaFormer(nn.Module):
     torch = self.param_init == 'torch' or (self.param_init == 'auto' and
                                            self.block_style == 'reference')
     self.embed = PatchEmbed(self.patch_size, self.width, self.dropout, torch, self.dtype,
-                            self.platform)
+                            self.platform, self.posemb)
     stack = lambda n: BranchStack(n, self.branch_depth, self.num_heads, self.mlp_dim,
                                   self.dropout, self.block_style, self.pool, self.dtype,
                                   self.branch_strategy, self.platform, torch)
     self.frozen_branches = stack(self.num_frozen_branches) if self.num_frozen_branches else None
     self.branches = stack(self.num_branches)
     head = lambda n, has_norm=True: Head(n, self.width, self.dtype,
-                                         LN_EPSILON[self.block_style], torch, has_norm)
+                                         LN_EPSILON[self.block_style], torch, has_norm,
+                                         self.pre_logits, self.head_zero_init)
     if self.num_frozen_classes:
       self.frozen_head = head(self.num_frozen_classes)
       self.head = head(self.num_classes - self.num_frozen_classes, has_norm=False)
@@ -685,7 +720,7 @@ def merge_frozen_params(params):
                                       params['frozen_branches'], params['branches'])
   if 'frozen_head' in params:
     frozen = params['frozen_head']
-    merged['head'] = {'norm': frozen['norm'], 'out': jax.tree.map(
+    merged['head'] = {**frozen, 'out': jax.tree.map(  # its norm (and pre-logits), all rows
         lambda f, t: jnp.concatenate([f, t], axis=-1), frozen['out'], params['head']['out'])}
   return merged
 

@@ -38,10 +38,23 @@ def make_tx(training, steps_per_stage: int, warmup_steps: int = 0):
                      f"'cosine'.")
   if training.optimizer == 'adam':
     return optax.chain(optax.scale_by_adam(), scale_by_step_schedule(schedule))
-  if training.optimizer == 'adamw':
+  if training.optimizer == 'adamw':  # optax.adamw: the decay is scaled by the learning rate
     return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(training.weight_decay),
                        scale_by_step_schedule(schedule))
-  raise ValueError(f"config.training.optimizer={training.optimizer!r}; use 'adam' or 'adamw'.")
+  if training.optimizer == 'adam_kernel_decay':
+    # big_vision/optax.py: lr x Adam + wd x param on `kernel`s only, all times the schedule's
+    # shape (its value over the peak): the decay is not scaled by the learning rate.
+    return optax.chain(optax.scale_by_adam(), optax.scale(lr),
+                       optax.add_decayed_weights(training.weight_decay, mask=kernels),
+                       scale_by_step_schedule(lambda step: schedule(step) / lr))
+  raise ValueError(f"config.training.optimizer={training.optimizer!r}; use 'adam', 'adamw' "
+                   f"or 'adam_kernel_decay'.")
+
+
+def kernels(params):
+  """True on the leaves named 'kernel' (the Dense layers' weight matrices)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
 def scale_by_step_schedule(schedule) -> optax.GradientTransformationExtraArgs:

@@ -60,6 +60,7 @@ RANGES = (
     ('training.weight_decay', lambda v: v >= 0, 'a number >= 0'),
     ('training.label_smoothing', lambda v: 0 <= v < 1, 'a value in [0, 1)'),
     ('training.clip_norm', lambda v: v > 0, 'a number > 0'),
+    ('training.grad_clip_norm', lambda v: v >= 0, 'a number >= 0 (0: off)'),
     ('model.num_branches', lambda v: v >= 1, 'an integer >= 1'),
     ('model.branch_depth', lambda v: v >= 1, 'an integer >= 1'),
     ('model.width', lambda v: v >= 1, 'an integer >= 1'),
@@ -94,6 +95,7 @@ def check_ranges(config):
 # (model.dtype, dropout and branch_strategy may change: the parameters stay the same.)
 RUN_DEFINING = ('seed', 'model.patch_size', 'model.width', 'model.num_heads', 'model.mlp_dim',
                 'model.num_branches', 'model.branch_depth', 'model.block_style', 'model.pool',
+                'model.posemb', 'model.pre_logits',
                 'data.name', 'data.num_classes', 'data.image_size', 'training.mode',
                 'training.batch_size', 'training.branches_per_stage', 'training.schedule',
                 'data.classes', 'data.train_split', 'expand_from', 'replay_per_class')

@@ -24,6 +24,7 @@ def build_model(config) -> ParaFormer:
                     width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                     num_branches=m.num_branches, branch_depth=m.branch_depth,
                     dropout=m.dropout, block_style=m.block_style, pool=m.pool,
+                    posemb=m.posemb, pre_logits=m.pre_logits, head_zero_init=m.head_zero_init,
                     dtype=jnp.dtype(m.dtype), branch_strategy=m.branch_strategy,
                     param_init=m.param_init)
 

@@ -65,7 +65,7 @@ def split_params(params, frozen_keys):
 
 
 def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0,
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, grad_clip_norm: float = 0.0):
   """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
 
   batch: 'image', 'label' (integer or soft) and optionally 'mask' (rows with 0 count for
@@ -73,6 +73,8 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
 
   `frozen_keys` name top-level parameter groups that get no gradient and no optimizer
   update ('frozen_branches', 'frozen_head', and in later stages usually 'embed').
+  `clip_norm` clips the lpa prefix updates (the authors'), `grad_clip_norm` (0: off) every
+  update of every mode; where both apply, the smaller bound holds.
   """
   if mode not in MODES:
     raise ValueError(f'config.training.mode={mode!r}; choose one of {MODES}.')
@@ -128,8 +130,9 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
 
   def apply(params, opt_state, batch, loss, logits, grads, clip, step, num_present=None):
     trained, frozen = split_params(params, frozen_keys)
-    if clip:
-      grads, grad_norm = optim.clip_by_global_norm(grads, clip_norm)
+    bounds = [n for n in (clip_norm if clip else 0.0, grad_clip_norm) if n]
+    if bounds:
+      grads, grad_norm = optim.clip_by_global_norm(grads, min(bounds))
     else:
       grad_norm = optax.global_norm(grads)
     trained, opt_state = optim.update(tx, grads, opt_state, trained, num_present, step)

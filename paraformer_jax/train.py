@@ -148,7 +148,8 @@ class Trainer:
     """The jitted training step of `stage`."""
     t = self.config.training
     return steps.make_train_step(self.plan.model(stage), self.mesh, self.tx, t.mode,
-                                 self.plan.frozen_keys(stage), t.clip_norm, t.label_smoothing)
+                                 self.plan.frozen_keys(stage), t.clip_norm, t.label_smoothing,
+                                 t.grad_clip_norm)
 
   def stage_batches(self, stage, start: int):
     """This process's host batches of `stage` from its step `start` (close() it after)."""

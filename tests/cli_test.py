@@ -29,6 +29,10 @@ CASES = {
     'dtype shorthand': (['--config.model.dtype=bf16'],
                         "error: config.model.dtype='bf16': use one of ('float32', 'bfloat16'), "
                         'e.g. --config.model.dtype=bfloat16.', None),
+    'randaugment name': (['--config.data.randaugment=torchvision'],
+                         "error: config.data.randaugment='torchvision': use 'authors' (their "
+                         "randomaug.py, magnitudes 0..30) or 'big_vision' (TF autoaugment's "
+                         "randaug, 0..10).", None),
     'dataset typo': (['--config.data.name=sklearn_digitz'],
                      "error: Unknown dataset 'sklearn_digitz' (config.data.name). Did you mean "
                      "'sklearn_digits'? Use a TFDS name such as 'cifar10', 'imagenet2012' or "

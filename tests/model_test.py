@@ -115,16 +115,34 @@ def test_paper_configuration_parameter_count():
   assert model_lib.param_count(shapes['branches']) == 16 * 444_288
 
 
-def _np_forward(params, images, style, pool, eps):
+def _np_sincos(rows, cols, width):
+  """big_vision's posemb_sincos_2d, entry by entry: [sin x, cos x, sin y, cos y] of each
+  patch's column x and row y at frequencies 10000 ** -(d / (width / 4 - 1))."""
+  q = width // 4
+  pe = np.zeros((rows * cols, width))
+  for m in range(rows * cols):
+    y, x = divmod(m, cols)
+    for d in range(q):
+      omega = 10_000. ** -(d / (q - 1))
+      pe[m, [d, q + d, 2 * q + d, 3 * q + d]] = (np.sin(x * omega), np.cos(x * omega),
+                                                   np.sin(y * omega), np.cos(y * omega))
+  return pe
+
+
+def _np_forward(params, images, style, pool, eps, posemb='learned', pre_logits=False):
   """The whole model in numpy from DESIGN.md: patches (p1 p2 c order), cls, positions, each
-  branch's blocks, pooling, the sum over branches, the head."""
+  branch's blocks, pooling, the sum over branches, the head (big_vision's options: fixed
+  sin-cos positions on the patches only, a tanh pre-logits layer)."""
   p = jax.tree.map(np.asarray, params)
   b, h, w, c = images.shape
   ps = 4
   x = np.asarray(images).reshape(b, h // ps, ps, w // ps, ps, c).transpose(0, 1, 3, 2, 4, 5)
   x = x.reshape(b, -1, ps * ps * c) @ p['embed']['patch']['kernel'] + p['embed']['patch']['bias']
+  if posemb == 'sincos2d':
+    x = x + _np_sincos(h // ps, w // ps, x.shape[-1])
   x = np.concatenate([np.broadcast_to(p['embed']['cls'], (b, 1, x.shape[-1])), x], 1)
-  x = x + p['embed']['pos']
+  if posemb == 'learned':
+    x = x + p['embed']['pos']
   pooled = 0
   for i in range(p['branches']['branch']['block0']['norm1']['scale'].shape[0]):
     y = x
@@ -132,6 +150,8 @@ def _np_forward(params, images, style, pool, eps):
       y = _np_block(y, jax.tree.map(lambda a: a[i], p['branches']['branch'][name]), style)
     pooled = pooled + (y.mean(1) if pool == 'mean' else y[:, 0])
   z = _np_layernorm(pooled, p['head']['norm'], eps)
+  if pre_logits:
+    z = np.tanh(z @ p['head']['pre']['kernel'] + p['head']['pre']['bias'])
   return z @ p['head']['out']['kernel'] + p['head']['out']['bias']
 
 
@@ -143,6 +163,25 @@ def test_whole_model_and_pooling_match_numpy(images, pool):
   want = _np_forward(params, images, 'reference', pool, EPS['reference'])
   np.testing.assert_allclose(model.apply({'params': params}, images), want, rtol=2e-4,
                              atol=2e-4)
+
+
+def test_big_vision_options_match_numpy(images):
+  """pool='mean' + posemb='sincos2d' + pre_logits + head_zero_init: big_vision's ViT head."""
+  model = ParaFormer(num_branches=2, branch_depth=1, pool='mean', block_style='prenorm',
+                     posemb='sincos2d', pre_logits=True, head_zero_init=True, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  assert 'pos' not in params['embed']  # fixed, not a parameter
+  assert not np.asarray(params['head']['out']['kernel']).any()  # zero-initialized
+  assert np.asarray(params['head']['pre']['kernel']).std() > 0.01
+  # A trained head, so that the logits depend on everything above it.
+  params = {**params, 'head': {**params['head'], 'out': {
+      'kernel': jax.random.normal(jax.random.key(1), params['head']['out']['kernel'].shape),
+      'bias': params['head']['out']['bias']}}}
+  want = _np_forward(params, images, 'prenorm', 'mean', EPS['prenorm'], 'sincos2d', True)
+  np.testing.assert_allclose(model.apply({'params': params}, images), want, rtol=2e-4,
+                             atol=2e-4)
+  np.testing.assert_allclose(model_lib.posemb_sincos_2d(3, 5, 64)[0], _np_sincos(3, 5, 64),
+                             atol=1e-6)
 
 
 def test_mean_pool_and_reference_init(images):

@@ -70,3 +70,29 @@ def test_the_cosine_schedule_restarts_with_every_stage():
       np.testing.assert_allclose(-float(new['shared']['w']), cosine(t), rtol=1e-5, atol=1e-12)
       np.testing.assert_allclose(-float(new['branches']['w'][0]), cosine(t), rtol=1e-5,
                                  atol=1e-12)
+
+
+def _decay_config(optimizer):
+  return ml_collections.ConfigDict(dict(learning_rate=1e-3, schedule='cosine',
+                                        optimizer=optimizer, weight_decay=0.1))
+
+
+def test_kernel_decay_is_big_vision_s_and_adamw_is_optax_s():
+  """With zero gradients Adam's update is 0, so a step is the decay alone. big_vision's
+  (optim 'adam_kernel_decay'): kernel -= shape(step) x wd x kernel, shape = lr(step) / peak,
+  biases untouched; optax's adamw: every parameter -= lr(step) x wd x parameter."""
+  params = {'branches': {'fc': {'kernel': jnp.full((2, 3), 2.0), 'bias': jnp.ones((2, 3))}},
+            'head': {'kernel': jnp.full((3,), 4.0), 'bias': jnp.ones((3,))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  steps_per_stage, warmup = 10, 2
+  for step in (1, 5):
+    lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps_per_stage - warmup))) \
+        if step >= warmup else 1e-3 * step / warmup
+    for optimizer, kernel_keep, bias_keep in (
+        ('adam_kernel_decay', 1 - lr / 1e-3 * 0.1, 1.0), ('adamw', 1 - lr * 0.1, 1 - lr * 0.1)):
+      tx = optim.make_tx(_decay_config(optimizer), steps_per_stage, warmup)
+      new, _ = optim.update(tx, zeros, optim.init(tx, params), params, step=step)
+      np.testing.assert_allclose(new['head']['kernel'], 4.0 * kernel_keep, rtol=1e-6)
+      np.testing.assert_allclose(new['branches']['fc']['kernel'], 2.0 * kernel_keep, rtol=1e-6)
+      np.testing.assert_allclose(new['head']['bias'], bias_keep, rtol=1e-6)
+      np.testing.assert_allclose(new['branches']['fc']['bias'], bias_keep, rtol=1e-6)

@@ -316,6 +316,36 @@ def test_lpa_counts_one_update_per_prefix_and_one_per_full_step(images):
   assert int(state.opt_state['shared'][0].count) == 5 and int(state.step) == 2
 
 
+def _displacement(a, b):
+  return float(optax.global_norm(jax.tree.map(lambda x, y: x - y, a, b)))
+
+
+def test_grad_clip_norm_bounds_every_update_of_every_mode(images):
+  """SGD(1): an update moves the parameters by the (clipped) gradient, so the distance moved
+  is the clipped norm: training.grad_clip_norm in every mode, and in lpa's prefix updates
+  beside their own clip_norm (the smaller bound holds)."""
+  model = ParaFormer(num_branches=2, branch_depth=1, **SMALL)
+  params = model.init(jax.random.key(0), images[:1])['params']
+  tx = optax.sgd(1.0)
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  bound = 1e-3
+  free = steps.make_train_step(model, _mesh1(), tx, 'joint')
+  state, metrics = free(_fresh_state(params, tx), batch)
+  moved = _displacement(state.params, params)
+  np.testing.assert_allclose(moved, float(metrics['grad_norm']), rtol=1e-4)
+  assert moved > 100 * bound  # unclipped, the step is far longer than the bound
+  for mode, lpa_pass in (('joint', False), ('lpa_fused', False), ('lpa', False),
+                         ('lpa', True)):
+    step = steps.make_train_step(model, _mesh1(), tx, mode, clip_norm=1.0,
+                                 grad_clip_norm=bound)
+    state, _ = step(_fresh_state(params, tx), batch, lpa_pass=lpa_pass)
+    moved = _displacement(state.params, params)
+    if lpa_pass:  # two prefix updates of at most `bound` each
+      assert bound < moved <= 2 * bound * (1 + 1e-4), (mode, moved)
+    else:
+      np.testing.assert_allclose(moved, bound, rtol=1e-4, err_msg=mode)
+
+
 def test_padding_rows_count_for_nothing_even_when_classified_correctly(images):
   """A model that predicts class 0 everywhere, on a batch of 3 examples (labels 0, 3, 0)
   padded to 8 with rows of label 0: every prefix gets 2 right out of 3, not 7 out of 8."""
