@@ -68,8 +68,8 @@ def child(library: str, steps: int):
         state[0], metrics = step(state[0], batch, lpa_pass=lpa_pass)
         jax.block_until_ready(metrics)
       calls[f'{"LPA pass" if lpa_pass else "full step"}, dropout {dropout:g}'] = call
-  # Two warm-up rounds. Until trainer_step placed its state (aa65dee), the second call
-  # compiled again; the second round is kept so that results compare with session 11's.
+  # Two warm-up rounds: the first call of each program compiles it, and a second round
+  # leaves the allocators' caches in their steady state before anything is timed.
   for _ in range(2):
     for call in calls.values():
       call()

@@ -1,4 +1,4 @@
-"""Branch-parallel inference over processes (issue 4): latency of one ParaFormer whose branches
+"""Branch-parallel inference over processes: latency of one ParaFormer whose branches
 are spread over 2 processes (jax.distributed on 127.0.0.1, gloo CPU collectives, one core
 each), against the same model in one process on one core, and against a GPipe-style pipeline
 of the sequential baseline (L=1, M=L*M) with its blocks split over the same 2 processes.

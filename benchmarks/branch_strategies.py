@@ -1,4 +1,4 @@
-"""Branch strategies (issue 6): each way of running the 8x2 branch stack against the sequential
+"""Branch strategies: each way of running the 8x2 branch stack against the sequential
 1x16 baseline, inference at several batch sizes and a training step, with compiled memory.
 
 Everything is timed round-robin in one run, the f32 matmul peak included (see

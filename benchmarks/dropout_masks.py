@@ -22,7 +22,8 @@ SHAPE, RATE = (65, 768), 0.1
 
 
 def threefry_mask(key, rows):
-  """Session 5's keep_mask: two 16-bit draws per 32-bit word of threefry."""
+  """The mask drawn with threefry for every word (two 16-bit draws per 32-bit word), the
+  way keep_mask drew it before its keyed hash."""
   threshold, n = round(RATE * model.DROPOUT_LEVELS), math.prod(SHAPE)
 
   def row_mask(row):

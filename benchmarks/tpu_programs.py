@@ -44,12 +44,16 @@ def load(name, overrides):
 def row(name, topology, overrides):
   config = load(name, overrides)
   devices = aot.tpu_devices(topology)
+  flags = ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
   start = time.perf_counter()
-  result = aot.compile_train_step(config, 3, devices)
+  try:
+    result = aot.compile_train_step(config, 3, devices)
+  except ValueError as e:  # refused before compiling, e.g. a batch the data axis does not divide
+    return (f'| {f"`{name}` {flags}".strip()} | {topology} | {config.training.mode} | '
+            f'{config.training.batch_size} | refused: {e} |' + ' |' * 8)
   seconds = time.perf_counter() - start
   capacity = aot.chip_hbm_bytes(devices, topology)
   per_chip = aot.devices_per_chip(devices, topology)
-  flags = ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
   gib = lambda n: f'{n / 2**30:.3f}'
   cells = [f'`{name}` {flags}'.strip(), topology, config.training.mode,
            str(result['batch']), str(tuple(result['mesh'].values()))]

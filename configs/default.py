@@ -69,7 +69,7 @@ def get_config():
   model.param_init = 'auto'
   model.dtype = 'float32'  # computation dtype ('bfloat16' for mixed precision); params f32
   # How a device runs its branches: 'auto' (picks by backend and batch), 'vmap', 'scan',
-  # 'unrolled' or 'fused'; all give the same result (docs/benchmarks.md, issue 6).
+  # 'unrolled' or 'fused'; all give the same result (docs/benchmarks.md, "Branch strategies").
   model.branch_strategy = 'auto'
 
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -4,8 +4,8 @@ XLA:CPU allocates a compiled program's temporaries afresh on every call. glibc s
 allocation over 32 MiB with a new mmap and returns it to the kernel on free(), so every
 training step page-faults its working set in again (226,000 faults per step of the paper's
 8x2 model). tcmalloc keeps the memory: the trainer's step ran 1.28x faster under it
-(docs/benchmarks.md, session 11); the digits config, whose buffers are small, 1.05x
-(session 12).
+(`benchmarks/allocators.py`, docs/benchmarks.md); the digits config, whose buffers are
+small, 1.05x.
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
     # and keeping one, averaged over i). Branch indices, hence dropout masks, are the same.
     # The prefix models run the full model's branch strategy ('auto' decides per prefix
     # size): on a CPU, 'unrolled' made the paper's LPA pass step 1.16x faster than 'fused'
-    # (docs/benchmarks.md, session 12).
+    # (`benchmarks/lpa_routine.py`, docs/benchmarks.md).
     sub = sharding.sharded_apply(model.clone(num_branches=i + 1), mesh)
 
     def loss(params, batch, rng):

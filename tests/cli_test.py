@@ -156,6 +156,21 @@ def test_the_readme_documents_the_commands_its_figures_come_from():
   assert all(f'<{n}>' in marked for n in names) and 'final (step' not in marked
 
 
+def test_readme_check_allows_the_stated_tolerance_and_no_more():
+  sys.path.insert(0, os.path.join(REPO, 'docs'))
+  import readme_examples as rx
+  tol, rel = rx.TOLERANCE, rx.TOLERANCE_RELATIVE
+  doc = 'it kept 6 branches: 93.89% validation, 1.33x fewer, step 665'
+  within = f'it kept 6 branches: {93.89 + tol - 0.01:.2f}% validation, 1.33x fewer, step 665'
+  assert rx.differences(doc, within) == []
+  beyond = f'it kept 6 branches: {93.89 - tol - 0.01:.2f}% validation, 1.33x fewer, step 665'
+  assert len(rx.differences(doc, beyond)) == 1
+  far_step = f'it kept 6 branches: 93.89% validation, 1.33x fewer, step {665 * (1 + rel) + 1:.0f}'
+  assert len(rx.differences(doc, far_step)) == 1
+  assert rx.differences(doc, doc.replace('validation', 'test')) == [
+      'the text around the figures differs']
+
+
 def test_first_ctrl_c_asks_to_save_and_the_second_stops_at_once():
   import signal
   from paraformer_jax.preemption import Preemption

@@ -70,7 +70,7 @@ def gcs(tmp_path_factory):
   Sets, for this process and the ones it starts, where gcsfs (STORAGE_EMULATOR_HOST),
   tensorstore (TENSORSTORE_GCS_HTTP_URL, used by Orbax) and array_record's C++ reader
   (CLOUD_STORAGE_EMULATOR_ENDPOINT, TFDS's data files) send their requests; no credentials.
-  Yields the server's URL; stopped at the end of the session.
+  Yields the server's URL; stopped when the test run ends.
   """
   import json
   import socket
