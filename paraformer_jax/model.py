@@ -6,6 +6,7 @@ freezing some and appending new ones are array operations on the leading branch 
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any
@@ -154,19 +155,45 @@ class QkvKernel(nn.Module):
                       self.shape)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_keeping_output(scores, dtype):
+  """softmax(scores) over the last axis, computed in float32 and returned in `dtype`, whose
+  backward pass reads only that output. jax.nn.softmax's reads its float32 output, so in a
+  bfloat16 model autodiff kept each attention's weights twice (float32 for the softmax,
+  bfloat16 for the product with v): the imagenet step on v5e:4x4 needed 3.25 GiB of
+  temporaries per chip, 2.81 with this (docs/model.md). In float32 the two are the same."""
+  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_fwd(scores, dtype):
+  weights = softmax_keeping_output(scores, dtype)
+  return weights, weights
+
+
+def _softmax_bwd(dtype, weights, g):
+  w, g = weights.astype(jnp.float32), g.astype(jnp.float32)
+  return (w * (g - (g * w).sum(axis=-1, keepdims=True)),)
+
+
+softmax_keeping_output.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _attention(q, k, v, platform=None):
   """Softmax attention on [batch, heads, tokens, head_dim] inputs, for devices of `platform`
   (the target of the compile, which need not be this host's backend).
 
-  jax.nn.dot_product_attention picks fused kernels (cuDNN flash attention) where a backend
-  has them. XLA:CPU has none; there plain einsums in this layout run about 2x faster
-  (docs/benchmarks.md, "Where the time goes"), so the CPU takes that path. The named scopes
-  show in the compiled program which path was taken.
+  Off the CPU: scores in float32 from the matmul (as jax.nn.dot_product_attention's XLA
+  path, which is also what it runs on a GPU unless asked for cuDNN), and a softmax that keeps
+  one copy of its output for the backward pass. On a CPU: q scaled first and the matmul in
+  the input's dtype, which ran a block's attention in 2.6 ms against 5.5 ms through
+  jax.nn.dot_product_attention (docs/model.md, "Choices made per platform"). The named
+  scopes show in the compiled program which path was taken.
   """
   if not on_cpu(platform):
-    with jax.named_scope('attention_dot_product'):
-      t = lambda a: a.transpose(0, 2, 1, 3)  # it wants [b, tokens, heads, h]
-      return t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
+    with jax.named_scope('attention_accelerator'):
+      scores = jnp.einsum('bnqh,bnkh->bnqk', q, k, preferred_element_type=jnp.float32)
+      weights = softmax_keeping_output(scores * (q.shape[-1] ** -0.5), v.dtype)
+      return jnp.einsum('bnqk,bnkh->bnqh', weights, v)
   with jax.named_scope('attention_einsum'):
     scores = jnp.einsum('bnqh,bnkh->bnqk', q * (q.shape[-1] ** -0.5), k)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -330,8 +357,9 @@ class Block(nn.Module):
     h = nn.LayerNorm(LN_EPSILON[self.style], dtype=self.dtype, name='norm2')(x)
     residual = h if self.style == 'reference' else x
     # Off the CPU with dropout, the MLP keeps only its matmuls' outputs for the backward pass
-    # and recomputes the rest (GELU, the masks) there: the imagenet step on v5e:4x4 needs
-    # 1.96 GiB of temporaries per chip with it, 2.38 without (docs/benchmarks.md).
+    # and recomputes the rest (GELU, the masks) there: with cls pooling and dropout 0.1 the
+    # imagenet step on v5e:4x4 needed 2.38 GiB of temporaries per chip without it, 1.96 with
+    # it (docs/model.md).
     mlp = Mlp if on_cpu(self.platform) or not self.dropout else nn.remat(
         Mlp, static_argnums=(2, 3), policy=jax.checkpoint_policies.dots_saveable)
     y = mlp(self.mlp_dim, self.dropout, self.dtype, self.torch_init, self.platform,

@@ -59,10 +59,10 @@ def test_a_tpu_compile_takes_the_tpu_paths_and_measures_per_chip_memory(v5e):
   tpu = aot.compile_train_step(config, channels=1, devices=v5e)
   assert (tpu['platform'], tpu['device_kind'], tpu['devices']) == ('tpu', 'TPU v5 lite', 4)
   # Decided by the target, not by this CPU host: fused branches, XLA's attention.
-  assert 'branches_fused' in tpu['program'] and 'attention_dot_product' in tpu['program']
+  assert 'branches_fused' in tpu['program'] and 'attention_accelerator' in tpu['program']
   assert 'branches_vmap' not in tpu['program'] and 'attention_einsum' not in tpu['program']
   cpu = aot.compile_train_step(config, channels=1, devices=jax.devices()[:4])
-  assert 'attention_einsum' in cpu['program'] and 'attention_dot_product' not in cpu['program']
+  assert 'attention_einsum' in cpu['program'] and 'attention_accelerator' not in cpu['program']
   # Per chip, the arguments hold at least this device's share of the state and of the batch
   # (TPU layouts pad to tiles, so not exactly), and the donated state is reused.
   plan = run_state.StagePlan(config, 1000)

@@ -481,7 +481,7 @@ def test_elementwise_masks_are_the_packed_masks_bit_for_bit(shape):
 def test_the_accelerator_program_computes_what_the_cpus_does(images):
   """The model built for a TPU or GPU mesh (`platform='tpu'`: [batch, tokens, D] dense inputs,
   one einsum per q, k and v, elementwise masks, the MLP recomputed in the backward pass,
-  `dot_product_attention`), run here on the CPU, against the CPU's: the same parameter tree,
+  the softmax keeping only its output), run here on the CPU, against the CPU's: the same parameter tree,
   and with dropout on the same logits and gradients (so the same masks)."""
   kwargs = dict(num_branches=2, branch_depth=1, dropout=0.2, branch_strategy='vmap', **SMALL)
   cpu, tpu = ParaFormer(platform='cpu', **kwargs), ParaFormer(platform='tpu', **kwargs)
@@ -500,3 +500,24 @@ def test_the_accelerator_program_computes_what_the_cpus_does(images):
   np.testing.assert_allclose(loss_tpu, loss_cpu, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads_tpu, grads_cpu)
+
+
+def test_the_softmax_that_keeps_its_output_has_softmax_gradients():
+  """`softmax_keeping_output` against jax.nn.softmax: equal values and gradients in float32;
+  in bfloat16 (its backward pass reads the rounded output) within bfloat16's rounding of the
+  float32 gradient."""
+  scores = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 3
+  g = jax.random.normal(jax.random.key(1), scores.shape)
+
+  def grad(softmax, dtype):
+    return jax.grad(lambda s: (softmax(s, dtype).astype(jnp.float32) * g).sum())(scores)
+
+  exact = lambda s, dtype: jax.nn.softmax(s, axis=-1).astype(dtype)
+  keeping = model_lib.softmax_keeping_output
+  np.testing.assert_allclose(keeping(scores, jnp.float32), exact(scores, jnp.float32),
+                             rtol=1e-6)
+  np.testing.assert_allclose(grad(keeping, jnp.float32), grad(exact, jnp.float32),
+                             rtol=1e-5, atol=1e-7)
+  reference = grad(exact, jnp.float32)
+  error = np.abs(grad(keeping, jnp.bfloat16) - reference).max()
+  assert 0 < error <= 2 ** -7 * np.abs(reference).max()
