@@ -2,7 +2,11 @@
 config in configs/ passes the checks."""
 import dataclasses
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -147,3 +151,27 @@ def test_every_config_loads_and_passes_the_checks(name, variant):
   config = module.get_config(variant) if variant else module.get_config()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.branch, devices=jax.devices()[:4])
   run_checks.check_config(config, mesh)  # raises on anything that cannot work
+
+
+def test_processes_starting_at_once_on_a_fresh_data_dir_all_get_the_digits(tmp_path):
+  """Four processes released together into an empty data_dir (runs side by side on a fresh
+  machine): each gets the full dataset, and none fails on another's half-built copy."""
+  go = tmp_path / 'go'
+  child = (
+      'import os, sys, time\n'
+      'from paraformer_jax.datasets import sklearn_digits\n'
+      f'open(os.path.join({str(tmp_path)!r}, "ready_" + sys.argv[1]), "w").close()\n'
+      f'while not os.path.exists({str(go)!r}): time.sleep(0.005)\n'
+      f'b = sklearn_digits.prepare({str(tmp_path / "tfds")!r})\n'
+      'print(b.info.splits["train"].num_examples)\n')
+  procs = [subprocess.Popen([sys.executable, '-c', child, str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(4)]
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob('ready_*'))) < 4 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  go.touch()
+  results = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in results]
+  assert [out.split()[-1] for out, _ in results] == ['1257'] * 4
+  assert not [n for n in os.listdir(tmp_path / 'tfds' / 'sklearn_digits')
+              if n.startswith('incomplete')]

@@ -5,6 +5,9 @@ values 0..16 are scaled to 0..255. Splits are fixed by a seeded permutation: 1,2
 180 validation, 360 test. Prepared as array_record for `tfds.data_source`, with no TensorFlow
 (hence a `Tensor` feature: TFDS's `Image` feature needs TensorFlow to encode PNG).
 """
+import fcntl
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -44,8 +47,14 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir):
-  """Builds the dataset in data_dir once (well under a second); later calls reuse it."""
-  builder = SklearnDigits(data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    builder.download_and_prepare()
+  """Builds the dataset in the local data_dir once (well under a second); later calls reuse
+  it. Processes that start at once on a fresh machine (runs side by side, the processes of
+  one host) take turns on a lock file: without it each built its own copy and all but the
+  first failed to rename theirs into place."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.sklearn_digits.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = SklearnDigits(data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      builder.download_and_prepare()
   return builder
