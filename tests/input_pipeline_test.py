@@ -175,3 +175,15 @@ def test_processes_starting_at_once_on_a_fresh_data_dir_all_get_the_digits(tmp_p
   assert [out.split()[-1] for out, _ in results] == ['1257'] * 4
   assert not [n for n in os.listdir(tmp_path / 'tfds' / 'sklearn_digits')
               if n.startswith('incomplete')]
+
+
+def test_a_prepared_data_dir_is_only_read(tmp_path):
+  """Once the digits are prepared, prepare() writes nothing there (no lock file either), so
+  a data_dir shared read-only still serves them."""
+  from paraformer_jax.datasets import sklearn_digits
+  data_dir = tmp_path / 'tfds'
+  sklearn_digits.prepare(str(data_dir))
+  (data_dir / '.sklearn_digits.lock').unlink()
+  before = sorted((p, p.stat().st_mtime_ns) for p in data_dir.rglob('*'))
+  assert sklearn_digits.prepare(str(data_dir)).info.splits['train'].num_examples == 1257
+  assert sorted((p, p.stat().st_mtime_ns) for p in data_dir.rglob('*')) == before

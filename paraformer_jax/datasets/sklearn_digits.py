@@ -50,11 +50,15 @@ def prepare(data_dir):
   """Builds the dataset in the local data_dir once (well under a second); later calls reuse
   it. Processes that start at once on a fresh machine (runs side by side, the processes of
   one host) take turns on a lock file: without it each built its own copy and all but the
-  first failed to rename theirs into place."""
+  first failed to rename theirs into place. A prepared data_dir is only read (it may be
+  read-only)."""
+  builder = SklearnDigits(data_dir=data_dir, file_format='array_record')
+  if builder.is_prepared():
+    return builder
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, '.sklearn_digits.lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     builder = SklearnDigits(data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared():
+    if not builder.is_prepared():  # another process may have built it meanwhile
       builder.download_and_prepare()
   return builder
