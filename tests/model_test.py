@@ -481,8 +481,8 @@ def test_elementwise_masks_are_the_packed_masks_bit_for_bit(shape):
 def test_the_accelerator_program_computes_what_the_cpus_does(images):
   """The model built for a TPU or GPU mesh (`platform='tpu'`: [batch, tokens, D] dense inputs,
   one einsum per q, k and v, elementwise masks, the MLP recomputed in the backward pass,
-  the softmax keeping only its output), run here on the CPU, against the CPU's: the same parameter tree,
-  and with dropout on the same logits and gradients (so the same masks)."""
+  the softmax keeping only its output), run here on the CPU, against the CPU's: the same
+  parameter tree, and with dropout on the same logits and gradients (so the same masks)."""
   kwargs = dict(num_branches=2, branch_depth=1, dropout=0.2, branch_strategy='vmap', **SMALL)
   cpu, tpu = ParaFormer(platform='cpu', **kwargs), ParaFormer(platform='tpu', **kwargs)
   params = cpu.init(jax.random.key(0), images[:1])['params']
