@@ -64,6 +64,13 @@ def split_params(params, frozen_keys):
   return trained, frozen
 
 
+def static_prefixes(model, mesh) -> bool:
+  """Whether the LPA pass runs prefix model k on branches 1..k only. Static prefixes need
+  every prefix size to split over the mesh's branch axis; with branches sharded, it runs the
+  full model for every prefix (prefix_loss)."""
+  return mesh.shape['branch'] == 1 and not model.num_frozen_branches
+
+
 def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float = 1.0,
                     label_smoothing: float = 0.0, grad_clip_norm: float = 0.0):
   """Returns step(state, batch, lpa_pass=False) -> (state, metrics), jitted.
@@ -118,9 +125,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       return loss_of(logits, batch), logits
     return loss
 
-  # Static prefixes need every prefix size to split over the mesh's branch axis; with
-  # branches sharded, the LPA pass runs the full model for every prefix (prefix_loss).
-  static_prefixes = mesh.shape['branch'] == 1 and not model.num_frozen_branches
+  static = static_prefixes(model, mesh)
 
   def loss_and_grads(loss_fn, params, batch, rng):
     """((loss, logits), gradients of the trained parameters)."""
@@ -152,7 +157,7 @@ def make_train_step(model, mesh, tx, mode: str, frozen_keys=(), clip_norm: float
       # runs prefix model i's forward and backward pass (branches 1..i only); otherwise the
       # full model's prefix i. Gradients of the branches after i are zero, and `num_present`
       # keeps them out of the update.
-      if static_prefixes:
+      if static:
         prefix_grads = [functools.partial(loss_and_grads, prefix_only_loss(i))
                         for i in range(num_branches)]
         grads_of = lambda i, *args: jax.lax.switch(i, prefix_grads, *args)

@@ -214,8 +214,9 @@ class StageLoop:
     self.metrics = telemetry.IntervalMetrics()
     self.profile = telemetry.Profile(self.config.profile_steps, trainer.workdir)
     d, batch = self.config.data, self.config.training.batch_size
-    self.step_flops = {p: flops.train_step_flops(self.model, d.image_size, trainer.channels,
-                                                 batch, p) for p in (False, True)}
+    self.step_flops = {p: flops.train_step_flops(
+        self.model, d.image_size, trainer.channels, batch, p, self.plan.frozen_keys(stage),
+        steps.static_prefixes(self.model, trainer.mesh)) for p in (False, True)}
     self.saved_at = time.monotonic()
 
   def run(self, state, train_step, data):
@@ -236,10 +237,12 @@ class StageLoop:
       batch = next(batches)
       clock.waited_for_input(time.perf_counter() - waited)
       lpa_pass = plan.lpa_pass(i)
-      state = self._step(train_step, state, batch, lpa_pass, step)
+      state, compiled = self._step(train_step, state, batch, lpa_pass, step)
       if done == plan.steps_per_stage and config.align_head:
         state = state.replace(params=jax.jit(replay.align_head)(state.params))
       clock.tick(done, lpa_pass, self.step_flops[lpa_pass])
+      if compiled:  # the interval starts after the compiling step: its time is the compile's
+        clock.restart()
       last = done == plan.steps_per_stage
       log = done % config.log_every_steps == 0 or last
       signum = self.preemption.requested(step)
@@ -280,8 +283,7 @@ class StageLoop:
       telemetry.fetch(metrics)
       logging.info('%scompiled the %s and ran its first call in %.1f s', self.label, program,
                    time.perf_counter() - called)
-      self.clock.restart()
-    return state
+    return state, first
 
   def _save_due(self) -> bool:
     minutes = self.config.checkpoint_every_minutes

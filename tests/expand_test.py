@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import flops_test
 from train_test import tiny_config, trees_equal
 
 from paraformer_jax import compress, finetune, input_pipeline, replay, run_state, train
@@ -164,3 +165,17 @@ def test_an_expansion_with_replay_and_alignment_trains_keeps_its_memory_and_alig
   np.testing.assert_allclose(norms(params['head']['out']['kernel']),
                              norms(params['frozen_head']['out']['kernel']), rtol=1e-5)
   assert [r['data'] for r in results['forgetting']] == ['old', 'new', 'all']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_expansion_and_fine_tuning_report_the_flops_xla_counts(runs, dropout):
+  """Expansion's frozen branches and head rows run forward only; fine-tuning is a joint step."""
+  source, source_dir, grown, grown_dir, _ = runs
+  grown = ml_collections.ConfigDict(grown.to_dict())
+  grown.model.dropout = dropout
+  tuned = tiny_config(source.data.data_dir)
+  tuned.init_from, tuned.model.dropout = source_dir, dropout
+  for config, workdir in ((grown, grown_dir), (tuned, source_dir)):
+    trainer = train.Trainer(config, workdir, create=False)
+    flops_test.assert_close(flops_test.loop_flops(trainer, 0), flops_test.xla_flops(trainer))
