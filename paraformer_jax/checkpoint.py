@@ -8,8 +8,12 @@ directory and renames it when complete, so a half-written checkpoint is never li
 from __future__ import annotations
 
 import contextlib
+import logging as py_logging
+import re
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -19,10 +23,73 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from paraformer_jax import storage
 
 BEST_METRIC = 'val_accuracy'
+CHECKSUMS = 'checksums'  # meta: the state's checksums as saved
 
 
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, quota, permissions...)."""
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint on disk that cannot be read back as it was written."""
+
+  def __init__(self, step: int, directory, why: str):
+    self.step, self.directory = step, directory
+    super().__init__(f'checkpoint step {step} in {directory} is damaged: {why}')
+
+
+@jax.jit
+def checksums(tree):
+  """{leaf: uint32} of a pytree of arrays: the wrapping sum of each element's bits times a
+  hash of its index. Integer sums are exact in any order, so the figure is the same on any
+  mesh and any number of processes, and a changed, lost or moved element changes it."""
+  def one(a):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a = jax.random.key_data(a)
+    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(a, uint).astype(jnp.uint32)
+    index = jnp.arange(a.size, dtype=jnp.uint32).reshape(a.shape)
+    return (bits * (index * jnp.uint32(2654435761) + 1)).sum(dtype=jnp.uint32)
+  return jax.tree.map(one, tree)
+
+
+def _checksum_record(tree) -> dict:
+  """{'[params][embed]...': int} for a checkpoint's meta (JSON)."""
+  sums = checksums(tree)
+  return {jax.tree_util.keystr(path): int(np.asarray(leaf.addressable_data(0)))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _damage(error: BaseException) -> str:
+  """What tensorstore, Orbax or the JSON reader said, as one short clause: the innermost
+  cause that names the array, else the first line of the error."""
+  chain, e = [], error
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in reversed(chain):
+    text = ' '.join(str(e).split())
+    found = re.search(r'Error reading "([^"]+)" in [^"]*"([^"]*)"[^:]*: (.*)', text)
+    if found:
+      return f'{found.group(2)} holds array {found.group(1)}: {found.group(3)[:160]}'
+  first = (str(chain[-1]).strip().splitlines() or [''])[0]
+  return f'{type(chain[-1]).__name__}: {first[:200]}'
+
+
+class _NeverRetrieved(py_logging.Filter):
+  """The same reads' errors, which asyncio logs again when their futures are collected."""
+
+  def filter(self, record):
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+def _quiet_failed_reads(unraisable, _default=sys.unraisablehook):
+  """After a failed read, Orbax's pending reads of the same checkpoint end later in closed
+  event loops, each printing a traceback (thousands of lines) that says nothing more."""
+  text = f'{unraisable.exc_value} {unraisable.object!r}'
+  if 'Event loop is closed' in text or '_read_array_index_and_device_put' in text:
+    return
+  _default(unraisable)
 
 
 class Checkpoints:
@@ -54,6 +121,7 @@ class Checkpoints:
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
     """Starts writing `step` in the background; a failed write is raised by the next
     `save` or `wait`, as a CheckpointWriteError."""
+    meta = {**meta, CHECKSUMS: _checksum_record(state)}
     with self._write_errors_explained():
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)),
@@ -131,34 +199,87 @@ class Checkpoints:
               and self.meta(step).get('stage', 0) == stage]
     return max(scored)[1] if scored else None
 
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Any error reading `step` (a truncated or missing file, bad JSON) as DamagedCheckpoint."""
+    try:
+      yield
+    except DamagedCheckpoint:
+      raise
+    except Exception as e:  # noqa: BLE001 (tensorstore, Orbax and json raise many types)
+      sys.unraisablehook = _quiet_failed_reads
+      py_logging.getLogger('asyncio').addFilter(_NeverRetrieved())
+      raise DamagedCheckpoint(step, self.directory, _damage(e)) from e
+
   def meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        'meta']
+    with self._reading(step):
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+          'meta']
+      if not isinstance(meta, dict):
+        raise ValueError(f'its meta item is {type(meta).__name__}, not a JSON object')
+      return meta
+
+  def _item_metadata(self, step: int):
+    with self._reading(step):
+      return self._manager.item_metadata(step)['state']
+
+  def _verified(self, step: int, restored, prefix: str = ''):
+    """`restored`, once its checksums equal those saved with it (checkpoints written before
+    checksums were kept are taken as read)."""
+    saved = self.meta(step).get(CHECKSUMS)
+    if saved is None:
+      return restored
+    got = _checksum_record(restored)
+    bad = [k for k, v in got.items() if saved.get(prefix + k, v) != v]
+    if bad:
+      raise DamagedCheckpoint(step, self.directory,
+                              f'{len(bad)} arrays read back other than written ({bad[0]}, ...)')
+    return restored
 
   def param_shapes(self, step: int) -> dict:
     """{"['embed']['patch']['kernel']": shape, ...} of the saved params, from metadata only."""
     prefix = "['params']"
     shapes = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-        self._manager.item_metadata(step)['state']):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(self._item_metadata(step)):
       key = jax.tree_util.keystr(path)
       if key.startswith(prefix):
         shapes[key[len(prefix):]] = tuple(leaf.shape)
     return shapes
 
   def restore(self, step: int, abstract_state):
-    """The state at `step`, laid out as `abstract_state` says (shapes, dtypes, shardings)."""
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))['state']
+    """The state at `step`, laid out as `abstract_state` says (shapes, dtypes, shardings);
+    DamagedCheckpoint if it cannot be read back as written."""
+    with self._reading(step):
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+    return self._verified(step, state)
 
   def restore_params(self, step: int, mesh) -> dict:
     """The saved parameters, whatever run wrote them, replicated over `mesh` (for another
     run's use: its mesh may not split the saved stacks the way the writer's did)."""
     replicated = NamedSharding(mesh, P())
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                          self._manager.item_metadata(step)['state'])
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']['params']
+                          self._item_metadata(step))
+    with self._reading(step):
+      params = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))['state']['params']
+    return self._verified(step, params, prefix=".params")
+
+  def move_aside(self, step: int):
+    """Renames damaged checkpoint `step` to damaged-STEP beside the others (never deleted;
+    Orbax lists only step numbers, so it is no longer restored); returns the new path."""
+    source = self.directory / str(step)
+    target = self.directory / f'damaged-{step}'
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f'damaged-{step}-{n}'
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'moved aside {source}')
+    self._manager.reload()
+    return target
 
   def wait(self):
     with self._write_errors_explained():

@@ -162,10 +162,11 @@ class Trainer:
   def run(self):
     """Trains every remaining stage and reports. On SIGTERM or Ctrl-C it saves after the
     current step and raises Interrupted."""
+    resumed = self.restore_latest_intact()  # before anything is written
     writer = reporting.MetricWriter(self.workdir)
     try:
       with Preemption() as preemption:
-        state = self._train_stages(writer, preemption)
+        state = self._train_stages(resumed, writer, preemption)
       self.ckpts.wait()
       results = evaluation.report(self, self.plan.num_stages - 1, state, 'final')
       if self.config.expand_from:
@@ -174,14 +175,43 @@ class Trainer:
     finally:
       writer.close()
 
-  def _train_stages(self, writer, preemption):
-    latest = self.ckpts.agreed_latest_step()
-    if latest is None:
-      state, layout = self.states.initial(), 0
-    else:
-      state, layout = self.restore(latest)  # layout: the stage whose parameters state holds
+  def restore_latest_intact(self):
+    """(state, stage) of the newest checkpoint that reads back as written, or None when there
+    is none. A damaged one is moved aside (damaged-STEP, never deleted) with a warning;
+    when every one was damaged, the run stops (the same command then starts it over)."""
+    moved = []
+    while (latest := self.ckpts.agreed_latest_step()) is not None:
+      try:
+        state, layout = self.restore_agreed(latest)
+      except checkpoint.DamagedCheckpoint as e:
+        aside = self.ckpts.move_aside(latest)
+        moved.append(str(aside))
+        logging.warning('%s. Moved it to %s; trying the one before it.', e, aside)
+        continue
       logging.info('Resuming from step %d (stage %d) in %s', latest, layout,
                    self.ckpts.directory)
+      return state, layout
+    if moved:
+      raise FileNotFoundError(
+          f'No intact checkpoint is left in {self.ckpts.directory}: the damaged ones are '
+          f'moved to {", ".join(moved)}. Run the same command again to start the run over.')
+    return None
+
+  def restore_agreed(self, step):
+    """restore(step) on every process, or DamagedCheckpoint on every process when any one
+    could not read it (a damaged file may be read by one host only)."""
+    error = None
+    try:
+      restored = self.restore(step)
+    except checkpoint.DamagedCheckpoint as e:
+      error, restored = e, None
+    if any_process(int(error is not None))[0]:
+      raise error or checkpoint.DamagedCheckpoint(step, self.ckpts.directory,
+                                                  'another process could not read it')
+    return restored
+
+  def _train_stages(self, resumed, writer, preemption):
+    state, layout = resumed or (self.states.initial(), 0)  # layout: the stage state holds
     for stage in range(layout, self.plan.num_stages):
       if int(state.step) >= (stage + 1) * self.plan.steps_per_stage:
         continue  # this stage had already finished
@@ -379,5 +409,22 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   if step not in steps_saved:
     raise ValueError(f'No checkpoint for step {step} in {trainer.ckpts.directory}; saved '
                      f'steps: {sorted(steps_saved)}.')
-  state, stage = trainer.restore(step)
+  try:
+    state, stage = trainer.restore_agreed(step)
+  except checkpoint.DamagedCheckpoint as e:
+    intact = [s for s in sorted(steps_saved) if s != step and _reads(trainer, s)]
+    raise checkpoint.DamagedCheckpoint(
+        step, trainer.ckpts.directory,
+        f'{str(e).split(": ", 1)[-1]}. Intact steps: {intact or "none"}'
+        + (f'; evaluate one with --step={intact[-1]}' if intact else '')
+        + '. Training with the same command moves it aside and resumes from the newest '
+        'intact one') from None
   return evaluation.report(trainer, stage, state, f'eval_step{step}')
+
+
+def _reads(trainer, step) -> bool:
+  try:
+    trainer.restore_agreed(step)
+    return True
+  except checkpoint.DamagedCheckpoint:
+    return False

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -597,6 +598,67 @@ def test_ctrl_c_saves_the_current_step_and_the_same_command_resumes(data_dir, tm
 
 # Runs the straight_run configuration in a child process, after `patch` (Python source) has
 # made something go wrong there; argv: data_dir, workdir.
+def _largest_file(directory):
+  files = [os.path.join(d, n) for d, _, names in os.walk(directory) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(straight_run, tmp_path):
+  """Truncated or changed data in the latest checkpoint: --mode=eval names it and exits 2;
+  training moves it to damaged-STEP and resumes from the one before it, bit-identically."""
+  config, straight = straight_run
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(straight, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  # One earlier checkpoint (step 5, as the run saved it) beside the latest, 13.
+  shutil.rmtree(checkpoints)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(input_pipeline, 'iterate', _interrupting(7))
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, workdir)
+  shutil.copytree(os.path.join(straight, 'checkpoints', '13'), os.path.join(checkpoints, '13'))
+  tensorboard = sorted(os.listdir(os.path.join(workdir, 'tensorboard')))
+  with open(_largest_file(os.path.join(checkpoints, '13', 'state')), 'r+b') as f:
+    f.truncate(100)
+  # Evaluation only reads: one message naming the step, the file and the intact steps.
+  with pytest.raises(checkpoint.DamagedCheckpoint,
+                     match=r'checkpoint step 13 in .* is damaged: .*13/state/ holds array '
+                           r'.*not valid for value of size 100\. Intact steps: \[5\]; evaluate '
+                           r'one with --step=5\.'):
+    train.evaluate_checkpoint(config, workdir)
+  assert sorted(os.listdir(checkpoints)) == ['13', '5']
+  train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(checkpoints)) == ['13', '5', 'damaged-13']
+  got, want = restore_latest(config, workdir), restore_latest(config, straight)
+  assert int(got.step) == 13 and trees_equal(got.params, want.params)
+  assert trees_equal(got.opt_state, want.opt_state)
+  assert len(os.listdir(os.path.join(workdir, 'tensorboard'))) == len(tensorboard) + 1
+  # Data that reads but is not what was written (a changed byte of a parameter) is caught by
+  # the checksums saved with it; with no intact checkpoint left the run stops, and the same
+  # command starts over.
+  trainer = train.Trainer(config, workdir)
+  state = trainer.restore(13)[0]
+  changed = state.replace(params=jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(1.0)
+                                              if a.ndim else a, state.params))
+  meta = trainer.ckpts.meta(13)
+  for step in (5, 13):
+    shutil.rmtree(os.path.join(checkpoints, str(step)))
+  trainer = train.Trainer(config, workdir)
+  trainer.ckpts.save(13, changed, {'stage': 0})
+  trainer.ckpts.wait()
+  meta_file = os.path.join(checkpoints, '13', 'meta', 'metadata')
+  saved = json.load(open(meta_file))
+  saved['checksums'] = meta['checksums']  # those of the state before the change
+  with open(meta_file, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(FileNotFoundError, match=r'No intact checkpoint is left in .*: the damaged '
+                                              r'ones are moved to .*damaged-13-2\. Run the same '
+                                              r'command again to start the run over\.'):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(checkpoints)) == ['damaged-13', 'damaged-13-2']
+
+
 _CHILD = """
 import sys
 from configs import tiny
