@@ -270,8 +270,8 @@ def does_not_fit_hint(config) -> str:
 
 
 def main(argv):
-  del argv
   from paraformer_jax import cli  # imports JAX: only once XLA_FLAGS is set (below)
+  cli.no_positional_arguments(argv)
   cli.setup_logging()
   config = cli.config()
   devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None

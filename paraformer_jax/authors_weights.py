@@ -192,7 +192,7 @@ def define_flags():
 
 
 def main(argv):
-  del argv
+  cli.no_positional_arguments(argv)
   cli.setup_logging()
   config, out = cli.config(), flags.FLAGS.out
   processes.start()

@@ -24,6 +24,7 @@ flags.DEFINE_bool('verbose', False, 'Print the full traceback of an error (for b
                   'also PARAFORMER_VERBOSE=1.')
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm: nothing after the last good save kept
 
 
 class UserError(Exception):
@@ -80,14 +81,42 @@ def config_field_error(e: AttributeError | KeyError, argv) -> UserError:
 
 def parse_flags(argv):
   """absl's parser, with ml_collections' override errors as one line each."""
+  for arg in argv[1:]:
+    name, _, value = arg.partition('=')
+    if name.lstrip('-') in ('config', 'compress_config') and value.endswith('.json'):
+      raise UserError(
+          f'{arg}: config.json records a run\'s settings; a config is a Python file. Pass '
+          f'{value[:-len(".json")]}.py, written beside it (a workdir from before it was '
+          f'written: --config=configs/<its config>.py with the overrides config.json lists).')
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    raise UserError(f'{e}\nPass --help for the flags.') from e
+    raise UserError(_config_file_error(str(e)) or f'{e}\nPass --help for the flags.') from e
   except (AttributeError, KeyError) as e:
     raise config_field_error(e, argv) from e
   except (ValueError, TypeError) as e:
     raise UserError(f'{message(e)}\nCheck the --config.* overrides.') from e
+
+
+def _config_file_error(text: str) -> str:
+  """ml_collections' "Error whilst parsing config file:" and a traceback, as one line: the
+  flag and the exception the config file raised."""
+  if 'Traceback (most recent call last)' not in text:
+    return None
+  lines = [l for l in text.splitlines() if l.strip()]
+  raised = next(l for l in reversed(lines) if not l.startswith(' '))
+  flag = lines[0].split(': Error whilst')[0]
+  hint = (' (the text after ":" goes to get_config(); this config takes none)'
+          if 'positional argument' in raised else '')
+  return f'{flag} does not load: {raised}{hint}. Check the config file and its argument.'
+
+
+def no_positional_arguments(argv):
+  """Refuses words that are not flags (a missing '--', a space inside a value)."""
+  if len(argv) > 1:
+    raise UserError(f'Unexpected argument(s) {argv[1:]}: every setting is a flag, e.g. '
+                    f'--config.seed=1 (a value with spaces goes in quotes); pass --help for '
+                    f'the flags.')
 
 
 def config(name: str = 'config'):
@@ -131,6 +160,10 @@ def run(main):
       if verbose():
         raise
       exit_with(e)
+    except FloatingPointError as e:  # train.Diverged
+      if verbose():
+        raise
+      exit_with(e, EXIT_DIVERGED)
     except Exception as e:  # noqa: BLE001 (a lost process, or a bug)
       lost = processes.lost_process(e)
       if lost:

@@ -77,7 +77,11 @@ def check_k(k, num_branches: int):
 def compress(config, workdir, out, k=None, tolerance=0.01, select='prefix', baseline=None,
              step=None):
   """Writes the first-k (after `select`) model to `out`; returns the report as a dict."""
+  if not 0 <= tolerance < 1:
+    raise ValueError(f'--tolerance={tolerance:g}: use a share of accuracy in [0, 1), e.g. '
+                     f'--tolerance=0.02 for 2 points below the full model.')
   run_checks.check_sources(config, workdir)
+  run_checks.check_workdir(config, workdir)  # the config must be the run's
   run_checks.check_new_workdir(out)
   trainer = train.Trainer(config, workdir, create=False)
   step = trainer.ckpts.best_or_latest_step() if step is None else step
@@ -130,7 +134,7 @@ def _write(config, trainer, out, params, kept, step, report):
 
 
 def main(argv):
-  del argv
+  cli.no_positional_arguments(argv)
   cli.setup_logging()
   config = cli.config()
   processes.start()

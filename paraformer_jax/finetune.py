@@ -20,6 +20,14 @@ def load_pretrained(workdir: str, mesh):
   The parameters are replicated over `mesh` (this run's, whatever the other run's was) and
   a stagewise run's frozen branches are joined to the others in one stack, frozen first.
   """
+  ckpts, step = pretrained_step(workdir)
+  params = ckpts.restore_params(step, mesh)
+  return jax.jit(merge_frozen_params)(params), step
+
+
+def pretrained_step(workdir: str):
+  """(checkpoints, step) that `load_pretrained` reads; refused if there is none (checked
+  before the run writes anything)."""
   ckpts = checkpoint.Checkpoints(storage.path(workdir) / 'checkpoints', keep=None,
                                  create=False)
   step = ckpts.best_or_latest_step()
@@ -27,8 +35,7 @@ def load_pretrained(workdir: str, mesh):
     raise FileNotFoundError(f'{workdir!r} (config.init_from or config.expand_from) holds no '
                             f'checkpoint in {ckpts.directory}; point it at the workdir of a '
                             f'trained run.')
-  params = ckpts.restore_params(step, mesh)
-  return jax.jit(merge_frozen_params)(params), step
+  return ckpts, step
 
 
 def transfer(pretrained, fresh):

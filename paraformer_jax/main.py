@@ -5,7 +5,7 @@
       --mode=eval [--step=N]
 Any config field can be overridden, e.g. --config.training.mode=stagewise.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from paraformer_jax import cli, processes, train
@@ -22,8 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_positional_arguments(argv)
   cli.setup_logging()
   config = cli.config()
   processes.start()

@@ -19,6 +19,9 @@ synchronizes with the device anyway.
 from __future__ import annotations
 
 import signal
+import socket
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -37,11 +40,20 @@ class Interrupted(Exception):
 
 
 class Preemption:
-  """A context in which SIGTERM and Ctrl-C set `signum` instead of killing the process."""
+  """A context in which SIGTERM and Ctrl-C set `signum` instead of killing the process.
+
+  Python runs a signal handler only between bytecodes, never inside a long call into XLA
+  (initializing a large model, compiling a step: minutes). While the run is `at_rest` (no
+  step since the start or the last save: nothing a save would keep) a signal stops the
+  process at once instead, from a thread that `signal.set_wakeup_fd` wakes (one process;
+  several stop together at a step, as above).
+  """
 
   def __init__(self):
     self.signum = 0
+    self.at_rest = True  # no step has run since the start or the last save
     self._previous = {}
+    self._wakeup = None
 
   def __enter__(self):
     several = jax.process_count() > 1
@@ -52,11 +64,40 @@ class Preemption:
         logging.warning('SIGTERM/Ctrl-C handling is off: the trainer does not run in the '
                         'main thread.')
         break
+    if self._previous and not several:
+      self._watch()
     return self
+
+  def _watch(self):
+    read, write = socket.socketpair()
+    write.setblocking(False)
+    self._wakeup = (read, write, signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False))
+
+    def watch():
+      while True:
+        try:
+          data = read.recv(1)
+        except OSError:
+          return
+        if not data:
+          return
+        if self.at_rest and data[0] in (signal.SIGTERM, signal.SIGINT):
+          print(f'interrupted by {signal.Signals(data[0]).name} before the first training '
+                f'step: stopped at once (nothing to save, nothing lost); the same command '
+                f'starts again from the last checkpoint, if there is one.', file=sys.stderr,
+                flush=True)
+          from paraformer_jax import processes
+          processes.exit_now(128 + data[0])  # stops the input workers too
+    threading.Thread(target=watch, daemon=True, name='signal watch').start()
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if self._wakeup:
+      read, write, previous = self._wakeup
+      signal.set_wakeup_fd(previous)
+      write.close()
+      read.close()
 
   def _handle(self, signum, frame):
     del frame

@@ -6,9 +6,11 @@ whose checkpoints were made with other settings is refused, never overwritten.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from paraformer_jax import input_pipeline, sharding, steps, storage
@@ -127,7 +129,7 @@ def check_workdir(config, workdir: str):
   if diffs:
     raise ValueError(f'{workdir} holds a run made with other settings:\n  ' +
                      '\n  '.join(diffs) + f'\nUse a new --workdir (the checkpoints there are '
-                     f'kept), or the settings in {path}.')
+                     f'kept), or its settings: --config={path.parent / "config.py"}.')
 
 
 def save_config(config, workdir: str, has_checkpoints: bool):
@@ -146,6 +148,15 @@ def save_config(config, workdir: str, has_checkpoints: bool):
                       'started with): %s', path, '; '.join(changed))
     return
   storage.write_atomic(path, text)
+  storage.write_atomic(path.parent / 'config.py', config_file(text, 'paraformer_jax.main'))
+
+
+def config_file(as_json: str, written_by: str) -> str:
+  """A self-contained config file holding `as_json` (--config=WORKDIR/config.py reproduces
+  the run; absl reads config files from local disk only: copy one from a bucket first)."""
+  return (f'"""The config of the run in this workdir (written by {written_by})."""\n'
+          'import json\nimport ml_collections\n\n\ndef get_config():\n'
+          f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n')
 
 
 def _flatten(tree, prefix=''):
@@ -180,3 +191,39 @@ def check_profile_steps(profile_steps, total_steps: int):
     raise ValueError(f'config.profile_steps={tuple(profile_steps)!r}: use (first step, count) '
                      f'with first >= 0, count >= 1 and first + count <= {total_steps} (the '
                      f'run\'s steps), e.g. --config.profile_steps="(10, 5)"; or () for none.')
+
+
+def state_bytes_per_device(abstract_state) -> int:
+  """Bytes of a TrainState (parameters and optimizer state) on one device, as sharded."""
+  return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+             for a in jax.tree.leaves(abstract_state))
+
+
+def memory_per_device(device) -> tuple[int | None, str]:
+  """(bytes one device may hold, what they are): an accelerator's own memory; on a CPU the
+  host's memory, shared by this process's devices."""
+  if device.platform == 'cpu':
+    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return total // jax.local_device_count(), 'host memory'
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  return limit, f'{device.device_kind} memory'
+
+
+def check_memory(config, abstract_state, mesh):
+  """Refuses, before anything is built or written, a model whose parameters and optimizer
+  state alone exceed what a device holds (activations come on top)."""
+  need = state_bytes_per_device(abstract_state)
+  device = mesh.devices.flat[0]
+  have, what = memory_per_device(device)
+  if have is None or need <= have:
+    return
+  params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state.params))
+  m = config.model
+  n = jax.local_device_count()
+  share = (f', shared by its {n} CPU devices' if device.platform == 'cpu' and n > 1 else '')
+  raise ValueError(
+      f'The model does not fit: {params:,} parameters (model.num_branches={m.num_branches}, '
+      f'branch_depth={m.branch_depth}, width={m.width}) need {need / 2**30:.1f} GiB of '
+      f'parameters and optimizer state per device, more than the {have / 2**30:.1f} GiB of '
+      f'{what}{share}. Lower model.num_branches, branch_depth or width, or split the '
+      f'branches over more devices (config.mesh.branch).')

@@ -83,3 +83,19 @@ def check_access(p, what: str, timeout_s: float | None = None):
       f'Check the bucket name and the credentials: on a TPU VM the VM\'s service account '
       f'needs access to the bucket; elsewhere run `gcloud auth application-default login` '
       f'or set GOOGLE_APPLICATION_CREDENTIALS to a key file.')
+
+
+def make_writable_dir(p, what: str):
+  """Makes directory `p` (and its parents), refusing in one line, with the fix, one that
+  cannot be written: a read-only filesystem, no permission, no space for a file."""
+  p = path(p)
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+    if not is_remote(p):
+      if os.statvfs(p).f_flag & os.ST_RDONLY:
+        raise OSError(30, 'Read-only file system')
+      if not os.access(p, os.W_OK):
+        raise OSError(13, 'Permission denied')
+  except OSError as e:
+    raise OSError(f'{what}={os.fspath(p)} cannot be written ({e.strerror or e}); pass a '
+                  f'directory on a disk or bucket this process may write to.') from e

@@ -16,11 +16,15 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from paraformer_jax import (checkpoint, evaluation, expand, flops, input_pipeline, malloc, optim,
-                            replay, reporting, run_checks, run_state, sharding, steps, storage,
-                            telemetry)
+from paraformer_jax import (checkpoint, evaluation, expand, finetune, flops, input_pipeline,
+                            malloc, optim, replay, reporting, run_checks, run_state, sharding,
+                            steps, storage, telemetry)
 from paraformer_jax.preemption import Interrupted, Preemption, any_process
 from paraformer_jax.run_state import StagePlan, StateMaker
+
+
+class Diverged(FloatingPointError):
+  """A non-finite loss or gradient norm: the run stopped without saving it."""
 
 
 class CorruptCount:
@@ -62,6 +66,8 @@ class Trainer:
     # Expansion: (branches, classes) of the run whose model is kept inside this one.
     self.source = (expand.source_layout(config.expand_from, config.data.num_classes)
                    if config.expand_from else (0, 0))
+    if config.init_from:
+      finetune.pretrained_step(config.init_from)
     d = config.data
     self.train_source, self.replay = self._training_examples()
     self.val_source = input_pipeline.split_source(d, d.val_split)
@@ -79,6 +85,7 @@ class Trainer:
     image_size = config.data.image_size
     self.states = StateMaker(config, self.plan, self.tx, self.mesh,
                              (image_size, image_size, self.channels))
+    run_checks.check_memory(config, self.states.abstract(self.plan.num_stages - 1), self.mesh)
     self._open_checkpoints(create)
     # uint8 host batches -> the model's input, on device (input_pipeline.finish).
     self._finish = jax.jit(functools.partial(input_pipeline.finish, mean=d.mean, std=d.std,
@@ -110,7 +117,7 @@ class Trainer:
   def open_for_writing(self):
     """Makes the workdir and its checkpoint directories (a Trainer made with create=False
     has checked every setting and input without writing anything)."""
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    storage.make_writable_dir(self.workdir, '--workdir')
     self._open_checkpoints(create=True)
     if self.replay and jax.process_index() == 0:
       replay.keep(self.replay, self.workdir)
@@ -162,10 +169,11 @@ class Trainer:
   def run(self):
     """Trains every remaining stage and reports. On SIGTERM or Ctrl-C it saves after the
     current step and raises Interrupted."""
-    resumed = self.restore_latest_intact()  # before anything is written
-    writer = reporting.MetricWriter(self.workdir)
+    writer = None
     try:
       with Preemption() as preemption:
+        resumed = self.restore_latest_intact()  # before anything is written
+        writer = reporting.MetricWriter(self.workdir)
         state = self._train_stages(resumed, writer, preemption)
       self.ckpts.wait()
       results = evaluation.report(self, self.plan.num_stages - 1, state, 'final')
@@ -173,7 +181,8 @@ class Trainer:
         results['forgetting'] = expand.forgetting(self, state)
       return results
     finally:
-      writer.close()
+      if writer is not None:
+        writer.close()
 
   def restore_latest_intact(self):
     """(state, stage) of the newest checkpoint that reads back as written, or None when there
@@ -271,6 +280,7 @@ class StageLoop:
       if done == plan.steps_per_stage and config.align_head:
         state = state.replace(params=jax.jit(replay.align_head)(state.params))
       clock.tick(done, lpa_pass, self.step_flops[lpa_pass])
+      self.preemption.at_rest = False  # a signal now saves this step first
       if compiled:  # the interval starts after the compiling step: its time is the compile's
         clock.restart()
       last = done == plan.steps_per_stage
@@ -326,9 +336,14 @@ class StageLoop:
     try:
       steps_logged, metrics = self.metrics.take()
     except FloatingPointError as e:
-      raise FloatingPointError(
-          f'Stopped: {e}. The last good checkpoint is step {ckpts.latest_step()} in '
-          f'{ckpts.directory}. Lower the learning rate or check the data.') from None
+      lr = self.config.training.learning_rate
+      fix = (f'lower the learning rate (config.training.learning_rate={lr:g}, e.g. '
+             f'--config.training.learning_rate={lr / 10:g}) or check the data')
+      latest = ckpts.latest_step()
+      kept = (f'The last good checkpoint is step {latest} in {ckpts.directory}; {fix}, then '
+              f'rerun the same command to resume from it.' if latest is not None else
+              f'No checkpoint was saved yet; {fix}, then rerun the same command.')
+      raise Diverged(f'Training diverged: {e}. {kept}') from None
     corrupt.check()
     if metrics is None:
       return
@@ -356,12 +371,7 @@ def write_params_workdir(config, out, params, step: int, written_by: str,
     out.mkdir(parents=True)
     as_json = config.to_json_best_effort(indent=1)
     storage.write_atomic(out / 'config.json', as_json)
-    # Self-contained, so that a copy of it works anywhere (absl reads config files from
-    # local disk only: copy it from a bucket first).
-    storage.write_atomic(out / 'config.py', (
-        f'"""The config of the model in this workdir (written by {written_by})."""\n'
-        'import json\nimport ml_collections\n\n\ndef get_config():\n'
-        f'  return ml_collections.ConfigDict(json.loads({as_json!r}))\n'))
+    storage.write_atomic(out / 'config.py', run_checks.config_file(as_json, written_by))
   if several:
     multihost_utils.sync_global_devices(f'made {out}')
   writer = Trainer(config, out)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +158,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
   assert trainer.ckpts.all_steps() == [5]
   state, _ = trainer.restore(5)
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('save', ['validation', 'signal'])
+def test_a_save_between_log_steps_never_saves_a_non_finite_state(data_dir, tmp_path,
+                                                                 monkeypatch, save):
+  """Step 7 is non-finite and a save falls on it, before the log step (10): the run stops
+  at step 7 with nothing saved, naming no checkpoint and what to change."""
+  config = tiny_config(data_dir, epochs=1)
+  config.eval_every_steps = 7 if save == 'validation' else 13
+  workdir = str(tmp_path / save)
+  monkeypatch.setattr(input_pipeline, 'iterate', _interrupting(6, poison=True))
+  if save == 'signal':  # SIGTERM arrives during step 7
+    monkeypatch.setattr(train.Preemption, 'requested',
+                        lambda self, step: signal.SIGTERM if step == 7 else 0)
+  with pytest.raises(FloatingPointError, match=r'at step 7 \(in the interval of steps 6\.\.7\)'
+                                               r'\. No checkpoint was saved yet; lower the '
+                                               r'learning rate'):
+    train.train_and_evaluate(config, workdir)
+  assert train.Trainer(config, workdir).ckpts.all_steps() == []
 
 
 def test_config_json_is_never_seen_half_written(data_dir, tmp_path):
@@ -596,8 +617,6 @@ def test_ctrl_c_saves_the_current_step_and_the_same_command_resumes(data_dir, tm
   assert trees_equal(got.params, want.params) and trees_equal(got.opt_state, want.opt_state)
 
 
-# Runs the straight_run configuration in a child process, after `patch` (Python source) has
-# made something go wrong there; argv: data_dir, workdir.
 def _largest_file(directory):
   files = [os.path.join(d, n) for d, _, names in os.walk(directory) for n in names]
   return max(files, key=os.path.getsize)
@@ -659,6 +678,8 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(straight
   assert sorted(os.listdir(checkpoints)) == ['damaged-13', 'damaged-13-2']
 
 
+# Runs the straight_run configuration in a child process, after `patch` (Python source) has
+# made something go wrong there; argv: data_dir, workdir.
 _CHILD = """
 import sys
 from configs import tiny
@@ -697,6 +718,21 @@ atomicity.AtomicRenameTemporaryPath.finalize = finalize
 """
 
 
+_COMPILE_BLOCKS_IN_C = """
+import subprocess
+from paraformer_jax import steps
+real_make = steps.make_train_step
+def make_train_step(*args, **kwargs):
+  step = real_make(*args, **kwargs)
+  def first(*a, **k):  # a compile as long as a large model's: one call that Python cannot
+    print('IN COMPILE', flush=True)  # interrupt (its signal handlers wait until it returns)
+    subprocess.run(['sleep', '120'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return step(*a, **k)
+  return first
+steps.make_train_step = make_train_step
+"""
+
+
 def _child(patch, data_dir, workdir, **popen):
   cmd = [sys.executable, '-c', _CHILD.format(patch=patch), data_dir, workdir]
   # The environment (8 virtual devices) of this process, whose results it is compared with.
@@ -724,6 +760,29 @@ def test_disk_full_while_saving_says_so_and_keeps_the_previous_checkpoint(straig
   assert 'CheckpointWriteError' in err and 'File too large' in err, err[-3000:]
   assert 'the last complete checkpoint, step 5, is intact' in err, err[-3000:]
   _resumes_to_the_straight_run(straight_run, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_first_step_compiles_stops_at_once(data_dir, tmp_path, sig):
+  workdir = str(tmp_path / 'compiling')
+  proc = _child(_COMPILE_BLOCKS_IN_C, data_dir, workdir, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('IN COMPILE'):
+      signalled = time.monotonic()
+      proc.send_signal(sig)
+      break
+  lines += proc.stdout.readlines()
+  assert proc.wait(timeout=60) == 128 + sig, ''.join(lines[-20:])
+  assert time.monotonic() - signalled < 10  # not after the 120 s call
+  # (the handler's own line, which runs when the main thread gets back, may come after it)
+  assert (f'interrupted by {signal.Signals(sig).name} before the first training step: stopped '
+          f'at once (nothing to save, nothing lost); the same command starts again from the '
+          f'last checkpoint, if there is one.\n') in lines[-2:], ''.join(lines[-20:])
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == []
 
 
 @pytest.mark.slow
