@@ -11,6 +11,7 @@ import contextlib
 import logging as py_logging
 import re
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,15 @@ def _checksum_record(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
 
 
+def _write_failure(error: BaseException) -> str:
+  """tensorstore's write error without its spec (a few thousand characters of JSON)."""
+  text = ' '.join(str(error).split())
+  found = re.search(r'Failed (?:writing|to write)[^:]*: "?([^"]+?)"?: (.*?)(?: \[|$)', text)
+  if found:
+    return f'{found.group(1)}: {found.group(2)}'
+  return text.split(' [tensorstore_spec=')[0][:300]
+
+
 def _damage(error: BaseException) -> str:
   """What tensorstore, Orbax or the JSON reader said, as one short clause: the innermost
   cause that names the array, else the first line of the error."""
@@ -77,19 +87,37 @@ def _damage(error: BaseException) -> str:
 
 
 class _NeverRetrieved(py_logging.Filter):
-  """The same reads' errors, which asyncio logs again when their futures are collected."""
+  """The errors of a failed read or write, which asyncio logs again, each with a traceback,
+  when the futures of the other arrays' reads or writes are collected."""
 
   def filter(self, record):
     return 'exception was never retrieved' not in record.getMessage()
 
 
-def _quiet_failed_reads(unraisable, _default=sys.unraisablehook):
-  """After a failed read, Orbax's pending reads of the same checkpoint end later in closed
-  event loops, each printing a traceback (thousands of lines) that says nothing more."""
+def _quiet_unraisable(unraisable, _default=sys.unraisablehook):
+  """After a failed read or write, Orbax's pending reads and writes of the same checkpoint
+  end later in closed event loops, each printing a traceback (hundreds to thousands of
+  lines) that says nothing the one error (DamagedCheckpoint, CheckpointWriteError) does not."""
   text = f'{unraisable.exc_value} {unraisable.object!r}'
-  if 'Event loop is closed' in text or '_read_array_index_and_device_put' in text:
+  if ('Event loop is closed' in text or '_read_array_index_and_device_put' in text or
+      'write_fragment' in text):
     return
   _default(unraisable)
+
+
+def _quiet_threads(args, _default=threading.excepthook):
+  if 'Event loop is closed' in str(args.exc_value):
+    return
+  _default(args)
+
+
+def _quiet_failed_io():
+  """Installs the filters above (once): Orbax's and asyncio's echoes of a failed read or
+  write, never the error itself, which reaches the caller."""
+  if sys.unraisablehook is not _quiet_unraisable:
+    sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_threads
+    py_logging.getLogger('asyncio').addFilter(_NeverRetrieved())
 
 
 class Checkpoints:
@@ -106,6 +134,7 @@ class Checkpoints:
       # best_fn makes Orbax write the metrics to disk, so the best survives restarts.
       best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode='max')
     self.directory = storage.path(directory)
+    _quiet_failed_io()
     # Each manager's own names for its cross-process barriers (Orbax's are the same for
     # every manager): a run's checkpoints/ and stages/ managers must never share one.
     multiprocessing = ocp.options.MultiprocessingOptions(
@@ -143,11 +172,27 @@ class Checkpoints:
       kept = (f'the last complete checkpoint, step {latest}, is intact' if latest is not None
               else 'no complete checkpoint exists yet')
       raise CheckpointWriteError(
-          f'Writing a checkpoint to {self.directory} failed: {str(e).splitlines()[0]}\n'
-          f'Nothing earlier was lost: {kept} (a half-written checkpoint is never restored). '
-          f'If the disk or a quota is full, free space (or move the workdir); then rerun the '
-          f'same command to resume.'
+          f'Writing a checkpoint to {self.directory} failed: {_write_failure(e)}\n'
+          f'Nothing earlier was lost: {kept}; {self._remove_unfinished()}. If the disk or a '
+          f'quota is full, free space (or move the workdir); then rerun the same command to '
+          f'resume.'
       ) from e
+
+  def _remove_unfinished(self) -> str:
+    """Removes what a failed write left (Orbax's temporary directories; a rerun would only
+    ignore them) to give the space back; says what was done."""
+    left = sorted(self.directory.glob('*.orbax-checkpoint-tmp*'))
+    if not left:
+      return 'nothing half-written was left'
+    names = ', '.join(p.name for p in left)
+    if jax.process_index():
+      return f'process 0 removes the half-written {names}'
+    try:
+      for p in left:
+        p.rmtree()
+    except OSError as e:
+      return f'the half-written {names} could not be removed ({e}): delete it'
+    return f'the half-written {names} was removed'
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -207,8 +252,6 @@ class Checkpoints:
     except DamagedCheckpoint:
       raise
     except Exception as e:  # noqa: BLE001 (tensorstore, Orbax and json raise many types)
-      sys.unraisablehook = _quiet_failed_reads
-      py_logging.getLogger('asyncio').addFilter(_NeverRetrieved())
       raise DamagedCheckpoint(step, self.directory, _damage(e)) from e
 
   def meta(self, step: int) -> dict:

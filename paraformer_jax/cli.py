@@ -187,6 +187,8 @@ class _QuietLibraries(py_logging.Filter):
   """Keeps our INFO lines, drops the libraries' (Orbax logs a dozen lines per save)."""
 
   def filter(self, record):
+    if 'orbax' in record.pathname and record.exc_info:
+      return False  # a traceback of an error that reaches our code, which reports it
     return record.levelno >= py_logging.WARNING or 'paraformer_jax' in record.pathname
 
 
