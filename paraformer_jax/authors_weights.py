@@ -140,8 +140,19 @@ def load_state(path: str) -> dict:
     raise FileNotFoundError(f'--weights={path} does not exist: pass the file their training '
                             'saved (net.state_dict()), or an .npz of its arrays.')
   data = file.read_bytes()
+  # A file from elsewhere runs no code here: arrays only, never arbitrary unpickling.
+  needs_more = (f'--weights={path} holds more than arrays (pickled Python objects, which '
+                f'could run code when loaded), so it is refused: save the state_dict\'s '
+                f'tensors alone, e.g. np.savez(PATH.npz, **{{k: v.numpy() for k, v in '
+                f'state_dict.items()}}).')
   if path.endswith('.npz'):
-    state = dict(np.load(io.BytesIO(data)))
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        state = {k: npz[k] for k in npz.files}
+    except ValueError as e:
+      if 'allow_pickle' in str(e):
+        raise ValueError(needs_more) from None
+      raise
   else:
     try:
       import torch  # pylint: disable=import-outside-toplevel
@@ -149,7 +160,11 @@ def load_state(path: str) -> dict:
       raise ValueError(f'--weights={path}: reading a torch checkpoint needs torch. Install it, '
                        'or save the arrays once where torch is: np.savez(PATH.npz, **{k: '
                        'v.numpy() for k, v in torch.load(PATH).items()}).') from None
-    loaded = torch.load(io.BytesIO(data), map_location='cpu')
+    import pickle  # pylint: disable=import-outside-toplevel
+    try:  # tensors, dicts and numbers only (torch's default before 2.6 unpickled anything)
+      loaded = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+      raise ValueError(needs_more) from None
     state = {k: v.numpy() for k, v in loaded.get('state_dict', loaded).items()}
   return _vip_names({k.removeprefix('module.'): v for k, v in state.items()})
 

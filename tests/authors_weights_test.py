@@ -6,6 +6,8 @@ FeedForward at 7aa4532; ParaFormer.forward and ParaFormer.Branches at b2cd33d, w
 the branches' modules differently), on NCHW images as they take them; no code of ours is
 used for it.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,21 @@ def test_their_weights_written_by_two_processes_are_those_written_by_one(tmp_pat
   got, want = (train.Trainer(config, w, create=False).restore(0)[0].params for w in (two, one))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                got, want)
+
+
+class _RunsCode:
+  """An object whose unpickling would run a command."""
+
+  def __reduce__(self):
+    return (os.system, ('touch ran',))
+
+
+def test_a_weights_file_holding_more_than_arrays_runs_no_code(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state = _authors_state(np.random.default_rng(0), layout=VIP)
+  np.savez(tmp_path / 'w.npz', **state, extra=np.array([_RunsCode()], dtype=object))
+  with pytest.raises(ValueError, match=r'^--weights=.*w\.npz holds more than arrays \(pickled '
+                                       r'Python objects, which could run code when loaded\), so '
+                                       r'it is refused: save the state_dict\'s tensors alone'):
+    authors_weights.load_state(str(tmp_path / 'w.npz'))
+  assert not os.path.exists(tmp_path / 'ran')
