@@ -40,7 +40,7 @@ COMMANDS = {
     'digits': 'python -m paraformer_jax.main --config=configs/digits.py '
               '--workdir=workdir/digits',
     'compress': 'python -m paraformer_jax.compress --config=configs/digits.py '
-                '--workdir=workdir/digits --out=workdir/digits_small --tolerance=0.02',
+                '--workdir=workdir/digits --out=workdir/digits_small --k=4',
     'compressed_eval': 'python -m paraformer_jax.main --config=workdir/digits_small/config.py '
                        '--workdir=workdir/digits_small --mode=eval',
     'old': 'python -m paraformer_jax.main --config=configs/digits_0to4.py '

@@ -51,7 +51,7 @@ class Preemption:
 
   def __init__(self):
     self.signum = 0
-    self.at_rest = True  # no step has run since the start or the last save
+    self.at_rest = False  # the trainer's: True until its first step (nothing to save yet)
     self._previous = {}
     self._wakeup = None
 

@@ -172,6 +172,7 @@ class Trainer:
     writer = None
     try:
       with Preemption() as preemption:
+        preemption.at_rest = True  # until the first step: a signal stops at once
         resumed = self.restore_latest_intact()  # before anything is written
         writer = reporting.MetricWriter(self.workdir)
         state = self._train_stages(resumed, writer, preemption)

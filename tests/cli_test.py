@@ -159,7 +159,7 @@ def test_the_readme_documents_the_commands_its_figures_come_from():
 def test_readme_check_allows_the_stated_tolerance_and_no_more():
   sys.path.insert(0, os.path.join(REPO, 'docs'))
   import readme_examples as rx
-  tol, rel = rx.TOLERANCE, rx.TOLERANCE_RELATIVE
+  tol, rel = 3.0, 0.2  # README.md: "within 3 points ... and every other number within 20%"
   doc = 'it kept 6 branches: 93.89% validation, 1.33x fewer, step 665'
   within = f'it kept 6 branches: {93.89 + tol - 0.01:.2f}% validation, 1.33x fewer, step 665'
   assert rx.differences(doc, within) == []

@@ -187,3 +187,52 @@ def test_a_prepared_data_dir_is_only_read(tmp_path):
   before = sorted((p, p.stat().st_mtime_ns) for p in data_dir.rglob('*'))
   assert sklearn_digits.prepare(str(data_dir)).info.splits['train'].num_examples == 1257
   assert sorted((p, p.stat().st_mtime_ns) for p in data_dir.rglob('*')) == before
+
+
+# randomaug.py's augment_list (DUAT-Maker/Shallow-Paraformer at 7aa4532): (min, max) per op;
+# its RandAugment gives op `val = m / 30 * (max - min) + min`.
+AUTHORS_RANGES = {
+    'AutoContrast': (0, 1), 'Equalize': (0, 1), 'Invert': (0, 1), 'Rotate': (0, 30),
+    'Posterize': (0, 4), 'Solarize': (0, 256), 'SolarizeAdd': (0, 110),
+    'Color': (0.1, 1.9), 'Contrast': (0.1, 1.9), 'Brightness': (0.1, 1.9),
+    'Sharpness': (0.1, 1.9), 'ShearX': (0., 0.3), 'ShearY': (0., 0.3),
+    'TranslateXabs': (0., 100), 'TranslateYabs': (0., 100), 'CutoutAbs': (0, 40)}
+
+
+@pytest.mark.parametrize('get_config', [cifar10.get_config, imagenet.get_config],
+                         ids=['authors', 'big_vision'])
+def test_the_configs_magnitude_reaches_every_op_as_its_source_maps_it(get_config, photos_dir,
+                                                                      monkeypatch):
+  """Through the input pipeline: the paper's configs (the authors' RandAugment(2, 14)) give
+  each op randomaug.py's value for m = 14; imagenet's (big_vision's randaug(2, 10)) gives each
+  op the level 10, which TF's level_to_arg maps inside the op (tested op by op in
+  randaugment_test.py)."""
+  config = get_config()
+  config.data.name, config.data.data_dir = 'imagenet2012', photos_dir
+  config.data.num_classes, config.data.mixup = 1000, 0.0
+  d = config.data
+  table = randaugment.AUTHORS_OPS if d.randaugment == 'authors' else randaugment.BIG_VISION_OPS
+  seen = []
+
+  def spy(name, op):
+    def recorded(img, value, rng):
+      seen.append((name, value))
+      return op(img, value, rng)
+    return recorded
+  for name, entry in list(table.items()):
+    monkeypatch.setitem(table, name, (spy(name, entry[0]), *entry[1:])
+                        if isinstance(entry, tuple) else spy(name, entry))
+  source = input_pipeline.get_source('imagenet2012', 'train', photos_dir)
+  batches = input_pipeline.train_batches(source, d, batch_size=16, seed=0)
+  for b in range(4):
+    batches[b]
+  assert len(seen) == 2 * 16 * 4  # two ops per image
+  assert len({name for name, _ in seen}) >= 12  # most of the 16 ops were drawn
+  if d.randaugment == 'authors':
+    assert (d.randaugment_layers, d.randaugment_magnitude) == (2, 14)
+    for name, value in seen:
+      lo, hi = AUTHORS_RANGES[name]
+      assert value == pytest.approx(14 / 30 * (hi - lo) + lo, rel=1e-12), name
+  else:
+    assert (d.randaugment_layers, d.randaugment_magnitude) == (2, 10)
+    assert {value for _, value in seen} == {10.0}

@@ -18,7 +18,6 @@ from conftest import copy_to_bucket, preempt_at
 
 from configs import tiny
 from paraformer_jax import input_pipeline, train
-from paraformer_jax.processes import EXIT_LOST_PROCESS, LOST_AFTER_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,8 +234,8 @@ def test_a_killed_input_worker_on_one_process_stops_both(data_dir, tmp_path):
     exited_s = time.monotonic() - t0
   with open(workdir + '_process1.log') as f:
     out1 = f.read()
-  assert codes == [EXIT_LOST_PROCESS, 2], out0[-2000:] + '\nprocess 1:\n' + out1[-2000:]
-  assert exited_s < LOST_AFTER_S + 15  # the collective may wait: the watchdog stops it
+  assert codes == [75, 2], out0[-2000:] + '\nprocess 1:\n' + out1[-2000:]
+  assert exited_s < 35  # README: within 35 s (the watchdog's 20 s of silence, then the stop)
   assert 'error: An input worker process died (' in out1
   assert 'error: lost process 1 of this run' in out0
 
@@ -322,8 +321,8 @@ def stagewise_runs(data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_at_once_naming_it(stagewise_runs):
   _, codes, after_kill, exited_s = stagewise_runs
-  assert codes == [EXIT_LOST_PROCESS, -signal.SIGKILL], after_kill[-3000:]
-  assert exited_s < LOST_AFTER_S + 15
+  assert codes == [75, -signal.SIGKILL], after_kill[-3000:]
+  assert exited_s < 35  # README: within 35 s
   assert 'error: lost process 1 of this run' in after_kill
   assert ('start every process again with the same command to resume from the last one.'
           in after_kill)

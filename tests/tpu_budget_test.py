@@ -41,7 +41,9 @@ PROGRAMS = {
     'cifar10:32px joint, batch 500, v5e:2x2': ('cifar10:32px', {'training.mode': 'joint'},
                                                'v5e:2x2', None, 881_004_544),
 }
-TOLERANCE = 0.10  # libtpu's layouts pad in steps: a few percent is noise, 10% is not
+# The pinned libtpu compiles these programs to the same byte count on every run and machine
+# seen, so 1% only absorbs a padding step; a removed rematerialization (+7%) fails.
+TOLERANCE = 0.01
 TIMEOUT_S = 600
 
 
