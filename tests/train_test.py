@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,48 @@ def test_main_trains_then_evaluates_like_a_user(data_dir, tmp_path):
   assert bad.returncode != 0 and 'No checkpoint in' in bad.stderr
   assert not os.path.exists(tmp_path / 'empty')  # evaluation creates nothing
   assert not os.path.exists(os.path.join(workdir, 'stages'))  # not a stagewise run
+
+  # Its only checkpoint damaged: evaluation says so in one line (exit 2); training moves it
+  # aside and stops, as none is left; the same command again starts over, to the same end.
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  with open(_largest_file(os.path.join(checkpoints, '13')), 'r+b') as f:
+    f.truncate(100)
+  out = subprocess.run(base + ['--mode=eval'], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+  ours = [l for l in out.stderr.strip().splitlines() if not LIBTPU_NOISE.search(l)]
+  assert out.returncode == 2 and len(ours) == 1, out.stderr[-3000:]
+  assert ours[0].startswith(f'error: checkpoint step 13 in {checkpoints} is damaged: '
+                            f'{checkpoints}/13/'), ours
+  assert ours[0].endswith('Intact steps: none. Training with the same command moves it aside '
+                          'and resumes from the newest intact one'), ours
+  out = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'error: No intact checkpoint is left in {checkpoints}: the damaged ones are moved to '
+      f'{checkpoints}/damaged-13. Run the same command again to start the run over.')
+  assert 'Traceback' not in out.stderr
+  subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  again = json.load(open(os.path.join(workdir, 'final_prefix_accuracy.json')))
+  assert again['prefixes'] == final['prefixes']
+  assert sorted(os.listdir(checkpoints)) == ['13', 'damaged-13']
+
+
+@pytest.mark.slow
+def test_divergence_is_one_line_with_exit_3(data_dir, tmp_path):
+  """docs/faults.md: a non-finite loss stops the run with exit status 3."""
+  cmd = [sys.executable, '-m', 'paraformer_jax.main', '--config=configs/tiny.py',
+         f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}',
+         '--config.training.learning_rate=1e6']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 3, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+      r"error: Training diverged: non-finite training metrics \{.*'loss': nan.*\} at step \d+ "
+      r'\(in the interval of steps 1\.\.5\)\. No checkpoint was saved yet; lower the learning '
+      r'rate \(config\.training\.learning_rate=1e\+06, e\.g\. '
+      r'--config\.training\.learning_rate=100000\) or check the data, then rerun the same '
+      r'command\.', last), last
+  assert 'Traceback' not in out.stderr
 
 
 @pytest.fixture(scope='module')
