@@ -54,6 +54,16 @@ def watched_run(data_dir, tmp_path_factory):
     fetched_at.append(dispatched[0])
     return real_value.fget(self)
 
+  real_ready, real_tree_ready = array.ArrayImpl.block_until_ready, jax.block_until_ready
+
+  def block_until_ready(self):  # a wait without a transfer counts as one too
+    fetched_at.append(dispatched[0])
+    return real_ready(self)
+
+  def tree_ready(tree):
+    fetched_at.append(dispatched[0])
+    return real_tree_ready(tree)
+
   def make_train_step(*args, **kwargs):
     step = real_make(*args, **kwargs)
 
@@ -66,6 +76,8 @@ def watched_run(data_dir, tmp_path_factory):
   with pytest.MonkeyPatch.context() as m:
     m.setattr(steps, 'make_train_step', make_train_step)
     m.setattr(array.ArrayImpl, '_value', property(value))
+    m.setattr(array.ArrayImpl, 'block_until_ready', block_until_ready)
+    m.setattr(jax, 'block_until_ready', tree_ready)
     m.setattr(telemetry.LoopClock, 'interval', interval)
     train.train_and_evaluate(config, workdir)
   per_step = [{k: float(v) for k, v in jax.device_get(s).items()} for s in per_step]
@@ -98,6 +110,27 @@ def test_a_log_line_reports_the_mean_of_its_interval(watched_run):
   assert timing['images_per_s_per_chip'] == pytest.approx(timing['images_per_s'] / 8)
   assert 0 <= timing['input_wait_s'] < timing['step_s'] and timing['tflops_per_chip'] > 0
   assert 'mfu' not in timing  # no peak for a CPU
+
+
+def test_prefetch_puts_batches_on_the_device_ahead_of_the_step_and_no_more():
+  taken, put = [], []
+
+  def batches():
+    for i in range(100):
+      taken.append(i)
+      yield i
+
+  def to_device(b):
+    put.append(b)
+    return b * 10
+  seen = []
+  for got in telemetry.prefetch(batches(), to_device, count=5, ahead=2):
+    seen.append((got, list(put)))  # what had been put when `got` was handed to the step
+  assert [g for g, _ in seen] == [0, 10, 20, 30, 40]
+  # Batch i + 1 and i + 2 are on their way while step i runs; none past the count is read.
+  assert [p for _, p in seen] == [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4],
+                                  [0, 1, 2, 3, 4]]
+  assert taken == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
