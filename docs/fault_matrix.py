@@ -37,10 +37,9 @@ MODES = {
     'stagewise': ['--config.training.mode=stagewise', '--config.training.branches_per_stage=2'],
     'expansion': ['--config.data.classes=5-9', '--config.model.num_branches=2',
                   '--config.expand_from={root}/source'],
-    'fine-tune': ['--config.init_from={root}/source', '--config.data.classes=5-9',
-                  '--config.data.num_classes=5'],
+    'fine-tune': ['--config.init_from={root}/source'],  # 10 classes: a fresh head
 }
-SOURCE = ['--config.data.classes=0-4', '--config.data.num_classes=5']  # what the last two use
+SOURCE = ['--config.data.classes=0-4', '--config.data.num_classes=5']  # the last two's start
 FAULTS = ('SIGTERM at start-up', 'SIGINT mid-run', 'kill -9 mid-run', 'damaged checkpoint',
           'NaN loss', 'full disk')
 LOST_PROCESS = ('stagewise: `multiprocess_test.py::test_a_killed_process_stops_the_other_at_'

@@ -104,11 +104,11 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(stage: str, step: int, total: int, metrics: dict, timing, eta_s) -> str:
   """`step` of `total` counted over the whole run (all stages), the interval's mean metrics,
-  and its timing (telemetry.LoopClock.interval; None when its steps compiled)."""
+  and its timing (telemetry.LoopClock.interval; None when its only step compiled)."""
   line = (f'{stage}step {step}/{total} loss {metrics["loss"]:.4f} '
           f'acc {metrics["accuracy"]:.3f}')
-  if timing is None:
-    return f'{line} compiling'
+  if timing is None:  # only the compiling step ran: its time is the compile's, not a rate
+    return f'{line} (its one step compiled: no rate)'
   mfu = f' MFU {100 * timing["mfu"]:.1f}%' if 'mfu' in timing else ''
   eta = f' ETA {format_duration(eta_s)}' if eta_s is not None else ''
   return (f'{line} {timing["images_per_s"]:.1f} img/s ({timing["images_per_s_per_chip"]:.1f} '
