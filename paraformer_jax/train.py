@@ -232,8 +232,11 @@ class Trainer:
         # One save in flight at a time: a 2-process run once failed here, its finalize of
         # checkpoints/ step N finding one process's array metadata while stages/ saved N.
         self.ckpts.wait()
-        self.stage_ckpts.save(int(state.step), state, {'stage': stage})
-        self.stage_ckpts.wait()
+        # A run resumed from before the stage's end (its last checkpoint damaged, say) may
+        # find that end saved already: the same state (a resume is exact), kept as it is.
+        if int(state.step) not in self.stage_ckpts.all_steps():
+          self.stage_ckpts.save(int(state.step), state, {'stage': stage})
+          self.stage_ckpts.wait()
     return state
 
 
